@@ -1,0 +1,113 @@
+"""The mlxtune command line: each command parses, calls one library function, prints the result.
+
+A user error (MlxtuneError) becomes one red line on stderr and exit code 2; a bug keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mlxtune.errors import ConfigError, MlxtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prepare data, fine-tune (LoRA, DoRA, QLoRA), fuse, serve and evaluate "
+                       "LLMs with MLX.")
+models_app = typer.Typer(no_args_is_help=True, help="List, locate, inspect and convert models.")
+app.add_typer(models_app, name="models")
+
+
+def _table(rows: list[dict], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns, box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    Console(soft_wrap=True).print(table)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Built-in models, models mlxtune converted, and models in the Hugging Face cache."""
+    from mlxtune.models.resolve import cached_models
+
+    _table(cached_models(), ["name", "kind", "about", "path"])
+
+
+@models_app.command("path")
+def models_path(name: str = typer.Argument(..., help="Model folder, .gguf file, built-in name "
+                                                     "or Hugging Face repo id.")) -> None:
+    """Print the local MLX folder for NAME (converting or fetching it first if needed)."""
+    from mlxtune.models.resolve import resolve_model
+
+    print(resolve_model(name))
+
+
+@models_app.command("info")
+def models_info(name: str = typer.Argument(..., help="Any model name `models path` takes."),
+                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Architecture, parameters, quantization and size on disk of a model."""
+    from mlxtune.models.info import model_info
+    from mlxtune.models.resolve import resolve_model
+
+    info = model_info(resolve_model(name))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    info["parameters"] = f"{info['parameters'] / 1e6:,.1f}M"
+    for key, value in info.items():
+        print(f"{key:>16}  {value}")
+
+
+@models_app.command("convert")
+def models_convert(
+    source: str = typer.Argument(..., help="Hugging Face folder or repo id, or a .gguf file."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the MLX model to."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", help="Quantize to 4 or 8 bits "
+                                                                   "(also 2, 3, 5, 6)."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size."),
+) -> None:
+    """Convert a model to an MLX folder, quantized the way mlx-lm writes it."""
+    from mlxtune.models.convert import convert_model
+
+    print(convert_model(source, out, quantize, group_size))
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Platform, MLX backend, BLAS speed, memory, and what to do about anything slow."""
+    from mlxtune.platform import system_report
+
+    report = system_report()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    for key in ("os", "python", "chip", "cores", "memory_gb", "available_gb", "mlx", "backend"):
+        print(f"{key:>18}  {report[key]}")
+    print(f"{'blas':>18}  {', '.join(report['blas']) or '(none found in this process)'}")
+    print(f"{'cpu matmul':>18}  {report['cpu_matmul_gflops']} GFLOP/s (fp32, 1024x1024)")
+    for line in report["advice"] or ["nothing to fix"]:
+        print(f"{'advice':>18}  {line}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    try:
+        # Standalone mode lets Typer report usage errors itself (exit 2); ours pass through.
+        app()
+    except ConfigError as e:
+        for problem in e.problems:
+            typer.secho(f"error: {problem}", fg="red", err=True)
+        sys.exit(2)
+    except MlxtuneError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

