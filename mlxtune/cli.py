@@ -79,6 +79,21 @@ def models_convert(
 
 
 @app.command()
+def train(
+    config: Path = typer.Argument(..., help="Training YAML (a superset of mlx_lm.lora -c)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key: --set a.b=value "
+                                                          "(repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check config and data, print the "
+                                                          "memory plan, load nothing."),
+) -> None:
+    """Fine-tune with LoRA, DoRA or QLoRA as the YAML says; writes a run folder."""
+    from mlxtune.train.run import run_training
+
+    run_training(config, overrides, resume=resume, dry_run=dry_run)
+
+
+@app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Platform, MLX backend, BLAS speed, memory, and what to do about anything slow."""
     from mlxtune.platform import system_report

@@ -92,7 +92,8 @@ def _apply_override(data: dict, lines: dict[str, str], override: str, problems: 
             node[part] = {}
         node = node[part]
     node[parts[-1]] = value
-    lines[key] = f"--set {key}"
+    for i in range(1, len(parts) + 1):
+        lines[".".join(parts[:i])] = "--set"
 
 
 def _type_name(tp: Any) -> str:

@@ -1,0 +1,185 @@
+"""Prepared JSONL splits -> token ids with a loss mask, and deterministic, resumable batches.
+
+The mask trains every assistant turn and its end token (not only the last turn, as mlx-lm's
+prompt masking does), so multi-turn data teaches every answer and the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlxtune.errors import DataError
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Tokenized:
+    """One example: token ids and, per token, whether predicting it carries loss."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+
+
+def check_data_folder(folder: Path, need: tuple[str, ...] = ("train", "valid")) -> dict[str, Path]:
+    """The split files in `folder`, checked to exist and to hold JSON lines, before any model loads."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such data folder (make one with: mlxtune prepare RAW --out "
+                        f"{folder})")
+    found = {}
+    for split in SPLITS:
+        path = folder / f"{split}.jsonl"
+        if path.is_file():
+            found[split] = path
+        elif split in need:
+            raise DataError(f"{path}: missing; {folder} needs {' and '.join(need)} .jsonl files")
+    for split, path in found.items():
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    _example_kind(_parse(line, path, line_no), path, line_no)
+                    break
+            else:
+                if split in need:
+                    raise DataError(f"{path}: has no examples")
+    return found
+
+
+def _parse(line: str, path: Path, line_no: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{line_no}: expected a JSON object per line")
+    return record
+
+
+def _example_kind(record: dict, path: Path, line_no: int) -> str:
+    if isinstance(record.get("messages"), list):
+        return "chat"
+    if "prompt" in record and "completion" in record:
+        return "completions"
+    if isinstance(record.get("text"), str):
+        return "text"
+    raise DataError(f"{path}:{line_no}: expected mlx-lm's chat ('messages'), completions "
+                    f"('prompt', 'completion') or text ('text') format, got keys {sorted(record)}")
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def tokenize_chat(tokenizer, messages: list[dict], mask_prompt: bool) -> Tokenized:
+    """Token ids of a conversation; with `mask_prompt`, loss only on assistant turns and their end."""
+    tokens = _render(tokenizer, messages)
+    mask = np.ones(len(tokens), dtype=bool)
+    if mask_prompt:
+        mask[:] = False
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            # The answer is what the template adds between "prompt for turn i" and "turn i done".
+            start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
+            end = len(_render(tokenizer, messages[: i + 1]))
+            mask[start:end] = True
+    return Tokenized(np.array(tokens, dtype=np.int32), mask)
+
+
+def tokenize_record(tokenizer, record: dict, mask_prompt: bool) -> Tokenized:
+    """Token ids and loss mask of one mlx-lm JSONL record of any of the three formats."""
+    if "messages" in record:
+        return tokenize_chat(tokenizer, record["messages"], mask_prompt)
+    if "prompt" in record:
+        messages = [{"role": "user", "content": str(record["prompt"])},
+                    {"role": "assistant", "content": str(record["completion"])}]
+        if getattr(tokenizer, "chat_template", None):
+            return tokenize_chat(tokenizer, messages, mask_prompt)
+        prompt = tokenizer.encode(str(record["prompt"]))
+        answer = tokenizer.encode(str(record["completion"]), add_special_tokens=False)
+        tokens = prompt + answer + [tokenizer.eos_token_id]
+        mask = np.ones(len(tokens), dtype=bool)
+        if mask_prompt:
+            mask[: len(prompt)] = False
+        return Tokenized(np.array(tokens, dtype=np.int32), mask)
+    tokens = tokenizer.encode(record["text"]) + [tokenizer.eos_token_id]
+    return Tokenized(np.array(tokens, dtype=np.int32), np.ones(len(tokens), dtype=bool))
+
+
+def load_split(path: Path, tokenizer, mask_prompt: bool, max_seq_length: int) -> list[Tokenized]:
+    """Every example of one split file, tokenized and truncated to `max_seq_length` + 1 tokens."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = _parse(line, path, line_no)
+            _example_kind(record, path, line_no)
+            ex = tokenize_record(tokenizer, record, mask_prompt)
+            # Inputs are tokens[:-1] and targets tokens[1:], so keep one token more than the window.
+            ex = Tokenized(ex.tokens[: max_seq_length + 1], ex.loss_mask[: max_seq_length + 1])
+            if ex.loss_mask[1:].any():
+                examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: no example has a token to train on")
+    return examples
+
+
+def batches_per_epoch(n_examples: int, batch_size: int) -> int:
+    """How many batches one pass over `n_examples` makes (the last one may be smaller)."""
+    return math.ceil(n_examples / batch_size)
+
+
+def batch_indices(n_examples: int, batch_size: int, seed: int, index: int) -> np.ndarray:
+    """Example indices of global batch `index`: a fresh shuffle every epoch, a pure function of
+    (seed, index), so a resumed run reads exactly the batches the uninterrupted one would."""
+    per_epoch = batches_per_epoch(n_examples, batch_size)
+    epoch, within = divmod(index, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    return order[within * batch_size: (within + 1) * batch_size]
+
+
+def collate(examples: list[Tokenized], pad_id: int = 0, multiple: int = 8):
+    """(inputs, targets, mask) int32/float32 arrays, padded to a multiple of `multiple` tokens."""
+    import mlx.core as mx
+
+    longest = max(len(e.tokens) for e in examples) - 1
+    width = max(multiple, math.ceil(longest / multiple) * multiple)
+    inputs = np.full((len(examples), width), pad_id, dtype=np.int32)
+    targets = np.full((len(examples), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(examples), width), dtype=np.float32)
+    for row, e in enumerate(examples):
+        n = len(e.tokens) - 1
+        inputs[row, :n] = e.tokens[:-1]
+        targets[row, :n] = e.tokens[1:]
+        mask[row, :n] = e.loss_mask[1:]
+    return mx.array(inputs), mx.array(targets), mx.array(mask)
+
+
+def iterate_batches(examples: list[Tokenized], batch_size: int, seed: int, start: int = 0,
+                    rank: int = 0, world: int = 1):
+    """Yield (index, inputs, targets, mask) forever from global batch `start` on; with `world` > 1
+    each rank gets its own slice of every global batch."""
+    index = start
+    while True:
+        ids = batch_indices(len(examples), batch_size * world, seed, index)
+        mine = ids[rank::world] if world > 1 else ids
+        yield (index, *collate([examples[i] for i in mine]))
+        index += 1
+
+
+def eval_batches(examples: list[Tokenized], batch_size: int, limit: int):
+    """Fixed validation batches in file order: the first `limit` (all when limit is -1)."""
+    count = batches_per_epoch(len(examples), batch_size)
+    if limit >= 0:
+        count = min(count, limit)
+    for b in range(count):
+        yield collate(examples[b * batch_size: (b + 1) * batch_size])

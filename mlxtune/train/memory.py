@@ -1,0 +1,153 @@
+"""Plan a training run's peak memory before loading any weights, from config.json and file headers.
+
+The plan counts what MLX keeps alive at the peak of one step: the weights, the trainable
+parameters with their gradients and optimizer moments, the activations the backward pass needs
+(all adapted blocks, or one block plus each block's input with gradient checkpointing), and the
+logits. `scripts/bench_memory.py` checks it against MLX's own peak counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxtune.models.folder import read_config, safetensors_shapes
+from mlxtune.train.config import TrainConfig
+
+_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8}
+GB = 1024**3
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted bytes per component and the verdict against the machine's memory."""
+
+    weights: int
+    trainable: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activations_other: int  # the activations with the opposite grad_checkpoint setting
+    logits: int
+    peak: int
+    available: int
+    trainable_params: int
+
+    @property
+    def fits(self) -> bool:
+        """Whether the predicted peak fits in the memory available now."""
+        return self.available == 0 or self.peak <= self.available
+
+    def lever(self, config: TrainConfig) -> str:
+        """The one change that would save the most memory."""
+        if not config.grad_checkpoint and self.activations > 2 * self.activations_other:
+            return (f"set grad_checkpoint: true (activations {self.activations / GB:.2f} GB -> "
+                    f"{self.activations_other / GB:.2f} GB)")
+        if self.weights > self.activations + self.logits and config.quantize is None:
+            return "quantize the base (quantize: {bits: 4}) for QLoRA"
+        return (f"lower batch_size ({config.batch_size}) or max_seq_length "
+                f"({config.max_seq_length}): activations and logits scale with both")
+
+    def lines(self, config: TrainConfig) -> list[str]:
+        """The plan as printable lines."""
+        ckpt = "with" if config.grad_checkpoint else "without"
+        other = "with" if not config.grad_checkpoint else "without"
+        rows = [
+            ("weights", self.weights),
+            (f"trainable ({self.trainable_params / 1e6:.2f}M params)", self.trainable),
+            ("gradients", self.gradients),
+            (f"optimizer ({config.optimizer})", self.optimizer),
+            (f"activations ({ckpt} checkpointing)", self.activations),
+            ("logits and loss", self.logits),
+        ]
+        out = [f"  {name:<40} {size / GB:8.2f} GB" for name, size in rows]
+        out.append(f"  {'(activations ' + other + ' checkpointing)':<40} "
+                   f"{self.activations_other / GB:8.2f} GB")
+        out.append(f"  {'predicted peak':<40} {self.peak / GB:8.2f} GB")
+        if self.available:
+            head = (self.available - self.peak) / GB
+            verdict = (f"fits: {head:.1f} GB headroom of {self.available / GB:.1f} GB available"
+                       if self.fits else
+                       f"does NOT fit: {-head:.1f} GB over the {self.available / GB:.1f} GB "
+                       f"available; {self.lever(config)}")
+            out.append(f"  {verdict}")
+        return out
+
+
+def _lora_params(config: dict, train: TrainConfig, shapes: dict) -> int:
+    """Trainable parameter count for the adapters (or the blocks, for full fine-tuning)."""
+    layers = config["num_hidden_layers"]
+    n = layers if train.num_layers in (-1, 0) else min(train.num_layers, layers)
+    block = {}  # relative path -> (in, out) of each linear layer in block 0
+    for name, (shape, dtype) in shapes.items():
+        prefix = "model.layers.0."
+        if name.startswith(prefix) and name.endswith(".weight") and len(shape) == 2:
+            rel = name[len(prefix): -len(".weight")]
+            in_dim = shape[1] * 32 // _bits(config, name) if dtype == "U32" else shape[1]
+            block[rel] = (in_dim, shape[0])
+    if train.fine_tune_type == "full":
+        return n * sum(i * o for i, o in block.values())
+    keys = train.lora_parameters.keys
+    if keys and keys not in (["all-linear"], ["all_linear"]):
+        block = {k: v for k, v in block.items() if k in keys or k.split(".")[-1] in keys}
+    r = train.lora_parameters.rank
+    per_block = sum(r * (i + o) + (o if train.fine_tune_type == "dora" else 0)
+                    for i, o in block.values())
+    return n * per_block
+
+
+def _bits(config: dict, name: str) -> int:
+    quant = config.get("quantization") or {}
+    layer = name.rsplit(".", 1)[0]
+    return (quant.get(layer) or {}).get("bits", quant.get("bits", 4))
+
+
+def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: int,
+                world_size: int = 1) -> MemoryPlan:
+    """Predict the peak memory of one training step of `train` on the model in `model_dir`."""
+    config = read_config(model_dir)
+    shapes = safetensors_shapes(model_dir)
+    # On the CPU everything computes in fp32 (fp16 matmuls there skip BLAS).
+    act = 4 if backend == "cpu" else 2
+    weights = 0
+    for name, (shape, dtype) in shapes.items():
+        size = _BYTES.get(dtype, 4)
+        for d in shape:
+            size *= d
+        if backend == "cpu" and dtype in ("F16", "BF16"):
+            size *= 2
+        weights += size
+    h = config["hidden_size"]
+    inter = config.get("intermediate_size", 4 * h)
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads)
+    hd = config.get("head_dim") or h // heads
+    vocab = config["vocab_size"]
+    layers = config["num_hidden_layers"]
+    n = layers if train.num_layers in (-1, 0) else min(train.num_layers, layers)
+    b, t = train.batch_size, train.max_seq_length
+    params = _lora_params(config, train, shapes)
+    trainable = params * 4
+    moments = {"adam": 2, "adamw": 2, "sgd": 0, "adafactor": 1}[train.optimizer]
+    # What one block keeps for its backward pass, per token: norms, q/k/v, attention output,
+    # residuals (~7h + 2 heads*hd + 2 kv*hd) and the MLP's gate/up/activation/product (4 inter),
+    # plus the attention probabilities and scores (2 * heads * t).
+    per_token = 7 * h + 2 * heads * hd + 2 * kv * hd + 4 * inter + 2 * heads * t
+    block = b * t * per_token * act
+    full_acts = n * block
+    ckpt_acts = n * b * t * h * act + block
+    # The largest de-quantized weight, briefly in fp32, twice (forward and backward).
+    scratch = 2 * max((_in_out(shape, dtype, config, name) for name, (shape, dtype)
+                       in shapes.items() if len(shape) == 2), default=0) * 4
+    logits = 3 * b * t * vocab * 4
+    acts = ckpt_acts if train.grad_checkpoint else full_acts
+    other = full_acts if train.grad_checkpoint else ckpt_acts
+    peak = weights + trainable * (2 + moments) + acts + logits + scratch
+    return MemoryPlan(weights=weights, trainable=trainable, gradients=trainable,
+                      optimizer=trainable * moments, activations=acts, activations_other=other,
+                      logits=logits, peak=peak, available=available, trainable_params=params)
+
+
+def _in_out(shape, dtype, config, name) -> int:
+    cols = shape[1] * 32 // _bits(config, name) if dtype == "U32" else shape[1]
+    return shape[0] * cols

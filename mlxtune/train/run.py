@@ -1,0 +1,123 @@
+"""`mlxtune train`: check the config, the data and the memory plan, then load, adapt and train.
+
+Cheap checks come first (config, data files, memory plan), weights load only after they pass.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlxtune.errors import MlxtuneError
+from mlxtune.train.config import TrainConfig, load_train_config, run_folder
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run did."""
+
+    run_dir: Path
+    steps: int
+    val_loss: float | None = None
+    best_val_loss: float | None = None
+    test_loss: float | None = None
+    stopped: str = "finished"
+    plan: list[str] = field(default_factory=list)
+
+
+def build_optimizer(config: TrainConfig, total_steps: int):
+    """The optimizer named in the config, with its learning-rate schedule and extra arguments."""
+    import mlx.optimizers as optim
+
+    lr = config.learning_rate
+    if config.lr_schedule is not None:
+        s = config.lr_schedule
+        decay_steps = max(1, total_steps - s.warmup)
+        defaults = {"cosine_decay": [lr, decay_steps, 0.0], "linear_schedule": [lr, 0.0, decay_steps],
+                    "exponential_decay": [lr, 0.999], "step_decay": [lr, 0.5, decay_steps]}
+        args = list(s.arguments) or defaults[s.name]
+        int_args = {"cosine_decay": (1,), "linear_schedule": (2,), "step_decay": (2,)}
+        args = [int(a) if i in int_args.get(s.name, ()) else a for i, a in enumerate(args)]
+        lr = getattr(optim.schedulers, s.name)(*args)
+        if s.warmup:
+            warm = optim.schedulers.linear_schedule(s.warmup_init, args[0], s.warmup)
+            lr = optim.schedulers.join_schedules([warm, lr], [s.warmup + 1])
+    cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
+           "adafactor": optim.Adafactor}[config.optimizer]
+    extra = dict(config.optimizer_config.get(config.optimizer, {}))
+    try:
+        return cls(learning_rate=lr, **extra)
+    except TypeError as e:
+        raise MlxtuneError(f"optimizer_config.{config.optimizer}: {e}") from None
+
+
+class _Progress:
+    """A live bar on a terminal; plain report lines otherwise (CI, logs, pipes)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.live = total, enabled and sys.stderr.isatty()
+        self.bar = None
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def run_training(config_path: str | Path | None, overrides: list[str] = (), resume: bool = False,
+                 dry_run: bool = False, say=print) -> TrainResult:
+    """Train as `config_path` (plus overrides) says; with `dry_run`, check and plan only."""
+    import mlx.core as mx
+
+    from mlxtune.models.resolve import resolve_model
+    from mlxtune.platform import available_memory, backend
+    from mlxtune.train.data import check_data_folder
+    from mlxtune.train.memory import plan_memory
+
+    config = load_train_config(config_path, overrides)
+    run_dir = run_folder(config, config_path)
+    need = ("train", "valid", "test") if config.test else ("train", "valid")
+    files = check_data_folder(Path(config.data), need)
+    if resume and not dry_run:
+        from mlxtune.train.checkpoint import list_checkpoints
+
+        if not list_checkpoints(run_dir):
+            raise MlxtuneError(f"{run_dir}: no checkpoint to resume from; run without --resume")
+    world = mx.distributed.init()
+    model_dir = resolve_model(config.model)
+    plan = plan_memory(model_dir, config, backend(), available_memory(), world.size())
+    lines = [f"memory plan for {config.model} on {backend()} (batch {config.batch_size} x "
+             f"{config.max_seq_length} tokens, world size {world.size()}, global batch "
+             f"{config.batch_size * world.size() * config.grad_accumulation_steps}):",
+             *plan.lines(config)]
+    if world.rank() == 0:
+        for line in lines:
+            say(line)
+    result = TrainResult(run_dir=run_dir, steps=0, plan=lines)
+    if dry_run:
+        return result
+    if config.max_memory_gb:
+        mx.set_memory_limit(int(config.max_memory_gb * 1024**3))
+    from mlxtune.train.session import TrainingSession
+
+    return TrainingSession(config, config_path, model_dir, files, world, say).run(resume, result)

@@ -1,0 +1,209 @@
+"""One training run: load the model, add adapters, then train with reports, evals and checkpoints."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlxtune.config import save_config
+from mlxtune.errors import MlxtuneError
+from mlxtune.train import checkpoint as ckpt
+from mlxtune.train.config import TrainConfig
+from mlxtune.train.data import batches_per_epoch, eval_batches, iterate_batches, load_split
+from mlxtune.train.loop import evaluate, train
+from mlxtune.train.metrics import MetricsLog
+
+
+def load_for_training(model_dir: Path, config: TrainConfig):
+    """The model (quantized at load if asked, set up for this backend's fast path) and tokenizer."""
+    from mlx_lm.utils import load_model, load_tokenizer, quantize_model
+
+    try:
+        model, model_config = load_model(Path(model_dir))
+        tokenizer = load_tokenizer(Path(model_dir))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise MlxtuneError(f"{model_dir}: cannot load the model: {e}") from None
+    if config.quantize is not None and "quantization" not in model_config:
+        model, _ = quantize_model(model, model_config, config.quantize.group_size,
+                                  config.quantize.bits)
+    from mlxtune.platform import backend
+
+    if backend() == "cpu":
+        # fp16 matmuls on MLX's CPU backend skip BLAS; compute in fp32 there.
+        model.set_dtype(mx.float32)
+    return model, tokenizer
+
+
+class TrainingSession:
+    """State shared by the hooks of one run: model, optimizer, logs, best loss, patience."""
+
+    def __init__(self, config: TrainConfig, config_path, model_dir: Path, files: dict,
+                 world, say):
+        self.config, self.config_path, self.model_dir = config, config_path, model_dir
+        self.files, self.world, self.say = files, world, say
+        self.main = world.rank() == 0
+        from mlxtune.train.config import run_folder
+
+        self.run_dir = run_folder(config, config_path)
+        self.best = math.inf
+        self.bad_evals = 0
+        self.stop_reason = "finished"
+        self.interrupted = False
+
+    def _write(self, fn, *args) -> None:
+        # Only rank 0 writes the run folder; every rank can read it back to resume.
+        if self.main:
+            fn(*args)
+
+    def run(self, resume: bool, result):
+        """Load everything, train, save; returns the filled-in TrainResult."""
+        from mlxtune.train.lora import apply_lora, trainable_count
+
+        cfg = self.config
+        model, tokenizer = load_for_training(self.model_dir, cfg)
+        adapter_config = apply_lora(model, cfg)
+        if cfg.resume_adapter_file:
+            model.load_weights(cfg.resume_adapter_file, strict=False)
+        if cfg.grad_checkpoint:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(model.layers[0])
+        train_set = load_split(self.files["train"], tokenizer, cfg.mask_prompt, cfg.max_seq_length)
+        valid_set = load_split(self.files["valid"], tokenizer, cfg.mask_prompt, cfg.max_seq_length)
+        global_batch = cfg.batch_size * self.world.size()
+        per_epoch = batches_per_epoch(len(train_set), global_batch)
+        total = (math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation_steps)
+                 if cfg.epochs else cfg.iters)
+        from mlxtune.train.run import build_optimizer
+
+        optimizer = build_optimizer(cfg, total)
+        start = 0
+        if resume:
+            last = ckpt.list_checkpoints(self.run_dir)[-1]
+            loop_state = ckpt.load_checkpoint(last, model, optimizer)
+            start, self.best = loop_state["step"], loop_state.get("best", math.inf)
+            self.bad_evals = loop_state.get("bad_evals", 0)
+            self.say(f"resuming {self.run_dir} from step {start} ({last.name})")
+        self.model, self.optimizer, self.valid_set = model, optimizer, valid_set
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            ckpt.write_json(self.run_dir / "adapter_config.json", adapter_config)
+        self.adapter_config = adapter_config
+        self.metrics = MetricsLog(self.run_dir, start if resume else None) if self.main else None
+        self.say(f"training {trainable_count(model) / 1e6:.3f}M parameters "
+                 f"({cfg.fine_tune_type}) on {len(train_set)} examples for {total} steps; "
+                 f"run folder {self.run_dir}")
+        if start == 0:
+            self._eval(0)
+        self.window = {"tokens": 0, "loss": 0.0, "time": time.perf_counter(), "steps": 0}
+        batches = iterate_batches(train_set, cfg.batch_size, cfg.seed,
+                                  start * cfg.grad_accumulation_steps, self.world.rank(),
+                                  self.world.size())
+        from mlxtune.train.run import _Progress
+
+        self.progress = _Progress(total, start, self.main)
+        self.total = total
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            done = train(model, optimizer, batches, total, accumulation=cfg.grad_accumulation_steps,
+                         start_step=start, on_step=self._on_step)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.progress.close()
+        return self._finish(done, result, tokenizer)
+
+    def _on_sigint(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self.say("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    def _on_step(self, step: int, loss: float, ntoks: int) -> bool:
+        cfg, w = self.config, self.window
+        if not math.isfinite(loss):
+            last = ckpt.list_checkpoints(self.run_dir)
+            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved"
+            raise MlxtuneError(
+                f"step {step}: the training loss is {loss}; {where}. Lower learning_rate "
+                f"(now {cfg.learning_rate}), add warmup, or check the data for empty answers")
+        w["tokens"] += ntoks
+        w["loss"] += loss * ntoks
+        w["steps"] += 1
+        elapsed = time.perf_counter() - w["time"]
+        tps = w["tokens"] * self.world.size() / max(elapsed, 1e-9)
+        peak = mx.get_peak_memory() / 1024**3
+        self.progress.update(step, f"loss {loss:.3f}  {tps:,.0f} tok/s  {peak:.2f} GB")
+        if step % cfg.steps_per_report == 0 or step == self.total:
+            train_loss = w["loss"] / max(w["tokens"], 1)
+            lr = self.optimizer.learning_rate.item()
+            self.progress.say(f"step {step}/{self.total}: train loss {train_loss:.4f}, "
+                              f"lr {lr:.2e}, {tps:,.0f} tok/s, peak {peak:.2f} GB")
+            if self.main:
+                self.metrics.add(step=step, train_loss=train_loss, learning_rate=lr,
+                                 tokens_per_sec=tps, peak_memory_gb=peak)
+            self.window = {"tokens": 0, "loss": 0.0, "time": time.perf_counter(), "steps": 0}
+        stop = False
+        if step % cfg.steps_per_eval == 0 or step == self.total:
+            stop = self._eval(step)
+        if step % cfg.save_every == 0 or step == self.total or stop or self.interrupted:
+            self._save(step)
+        if self.interrupted:
+            self.stop_reason = "interrupted"
+            return True
+        return stop
+
+    def _eval(self, step: int) -> bool:
+        cfg = self.config
+        val = evaluate(self.model, eval_batches(self.valid_set, cfg.batch_size, cfg.val_batches))
+        self.model.train()
+        self.last_val = val
+        self.progress_say(f"step {step}: val loss {val:.4f}")
+        if self.main:
+            self.metrics.add(step=step, val_loss=val)
+            self.metrics.plot()
+        improved = val < self.best - (cfg.early_stopping.min_delta if cfg.early_stopping else 0)
+        if improved:
+            self.best, self.bad_evals = val, 0
+            if cfg.keep_best and step > 0 and self.main:
+                best = self.run_dir / "best"
+                best.mkdir(exist_ok=True)
+                ckpt.save_adapters(best / ckpt.ADAPTERS, self.model)
+                ckpt.write_json(best / "adapter_config.json", self.adapter_config)
+        elif step > 0:
+            self.bad_evals += 1
+            if cfg.early_stopping and self.bad_evals >= cfg.early_stopping.patience:
+                self.stop_reason = f"early stopping: no improvement in {self.bad_evals} evals"
+                return True
+        return False
+
+    def progress_say(self, line: str) -> None:
+        (self.progress.say if hasattr(self, "progress") else self.say)(line)
+
+    def _save(self, step: int) -> None:
+        if not self.main:
+            return
+        ckpt.save_adapters(self.run_dir / ckpt.ADAPTERS, self.model)
+        ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer,
+                             {"best": self.best, "bad_evals": self.bad_evals})
+
+    def _finish(self, done: int, result, tokenizer):
+        cfg = self.config
+        result.steps, result.stopped = done, self.stop_reason
+        result.val_loss = getattr(self, "last_val", None)
+        result.best_val_loss = self.best if math.isfinite(self.best) else None
+        if cfg.test and "test" in self.files:
+            test_set = load_split(self.files["test"], tokenizer, cfg.mask_prompt,
+                                  cfg.max_seq_length)
+            result.test_loss = evaluate(self.model, eval_batches(test_set, cfg.batch_size,
+                                                                 cfg.test_batches))
+            self.say(f"test loss {result.test_loss:.4f}")
+        if self.stop_reason == "interrupted":
+            raise MlxtuneError(f"interrupted at step {done}; checkpoint saved in {self.run_dir}; "
+                               "continue with --resume")
+        self.say(f"{self.stop_reason} at step {done}; adapters in {self.run_dir}")
+        return result
