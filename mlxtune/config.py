@@ -123,6 +123,10 @@ def _convert(value: Any, tp: Any, key: str, problems: _Problems) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:
+            # Optional[X]: X's own checks say more than "expected X or None".
+            return _convert(value, real[0], key, problems)
         for arg in (a for a in args if a is not type(None)):
             scratch = _Problems({})
             out = _convert(value, arg, key, scratch)

@@ -1,9 +1,9 @@
 """Adapters and full checkpoints on disk, always written atomically.
 
 A checkpoint holds what a resumed run needs to continue exactly as if it had never stopped: the
-adapter weights, the optimizer state (moments, step, learning rate), the RNG key and the loop's
-own counters. Data order is a pure function of (seed, batch index), so the step number is the
-data position.
+adapter weights, the optimizer state (moments, step, learning rate) and the loop's own counters.
+Data order and dropout are pure functions of (seed, step), so the step number is the data
+position and the random state.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, loop:
     tmp.mkdir()
     mx.save_safetensors(str(tmp / ADAPTERS), dict(tree_flatten(model.trainable_parameters())))
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    mx.save_safetensors(str(tmp / "rng.safetensors"), {"key": mx.random.state[0]})
     # state.json last, then one rename: a folder without it, or a .partial one, is never used.
     (tmp / "state.json").write_text(json.dumps({"step": step, **loop}, indent=2))
     if final.exists():
@@ -71,13 +70,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
-    """Restore adapters, optimizer state and RNG from checkpoint `path`; returns the loop state."""
+    """Restore adapters and optimizer state from checkpoint `path`; returns the loop state."""
     try:
         state = json.loads((path / "state.json").read_text())
         model.load_weights(str(path / ADAPTERS), strict=False)
         optimizer.init(model.trainable_parameters())
         optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-        mx.random.state[0] = mx.load(str(path / "rng.safetensors"))["key"]
     except (OSError, ValueError, KeyError) as e:
         raise MlxtuneError(f"{path}: cannot resume from this checkpoint: {e}") from None
     return state

@@ -33,7 +33,7 @@ def evaluate(model: nn.Module, batches, loss: Callable = masked_loss) -> float:
 
 def train(model: nn.Module, optimizer, batches: Iterator, total_steps: int, *,
           loss: Callable = masked_loss, accumulation: int = 1, start_step: int = 0,
-          on_step: Callable | None = None) -> int:
+          seed: int = 0, on_step: Callable | None = None) -> int:
     """Run optimizer updates start_step+1 .. total_steps, each from `accumulation` micro-batches.
 
     `batches` yields (index, inputs, targets, mask). After every update `on_step(step, loss, ntoks)`
@@ -59,6 +59,8 @@ def train(model: nn.Module, optimizer, batches: Iterator, total_steps: int, *,
     done = start_step
     for done in range(start_step + 1, total_steps + 1):
         grad, weighted, tokens = None, mx.array(0.0), mx.array(0.0)
+        # Dropout's randomness as a function of (seed, step): a resumed run draws the same masks.
+        mx.random.seed(seed * 1_000_003 + done)
         for micro in range(accumulation):
             _, inputs, targets, mask = next(batches)
             value, ntoks, grad = step(inputs, targets, mask, grad, micro == accumulation - 1)

@@ -111,7 +111,7 @@ class TrainingSession:
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             done = train(model, optimizer, batches, total, accumulation=cfg.grad_accumulation_steps,
-                         start_step=start, on_step=self._on_step)
+                         start_step=start, seed=cfg.seed, on_step=self._on_step)
         finally:
             signal.signal(signal.SIGINT, previous)
             self.progress.close()
