@@ -105,6 +105,9 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     for key in ("os", "python", "chip", "cores", "memory_gb", "available_gb", "mlx", "backend"):
         print(f"{key:>18}  {report[key]}")
     print(f"{'blas':>18}  {', '.join(report['blas']) or '(none found in this process)'}")
+    fast = report["fast_blas"]
+    print(f"{'fast blas':>18}  {fast['fast_blas']}; preloaded {fast['preloaded'] or 'nothing'}; "
+          f"core type {fast['coretype'] or 'auto'}; found {fast['found'] or 'none'}")
     print(f"{'cpu matmul':>18}  {report['cpu_matmul_gflops']} GFLOP/s (fp32, 1024x1024)")
     for line in report["advice"] or ["nothing to fix"]:
         print(f"{'advice':>18}  {line}")
@@ -112,6 +115,10 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
+    from mlxtune.blas import preload_fast_blas
+
+    # Before anything imports MLX: on Linux CPU this re-executes once with OpenBLAS preloaded.
+    preload_fast_blas()
     try:
         # Standalone mode lets Typer report usage errors itself (exit 2); ours pass through.
         app()
@@ -121,7 +128,7 @@ def main() -> None:
         sys.exit(2)
     except MlxtuneError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 class MlxtuneError(Exception):
     """A problem the user can fix: bad input, missing file, no memory. Never a bug."""
 
+    exit_code = 2
+
 
 class ConfigError(MlxtuneError):
     """One or more problems in a config file or its overrides, reported together."""
@@ -19,3 +21,9 @@ class DataError(MlxtuneError):
 
 class ModelError(MlxtuneError):
     """A model that cannot be found, fetched, converted or loaded."""
+
+
+class Interrupted(MlxtuneError):
+    """The user pressed Ctrl-C and the work was saved; exit like an interrupted program does."""
+
+    exit_code = 130

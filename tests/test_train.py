@@ -154,3 +154,20 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_qmodel
 def test_resume_without_checkpoint_is_a_user_error(tmp_path, tiny_qmodel_dir):
     with pytest.raises(MlxtuneError, match="no checkpoint to resume from"):
         run_training(_config(tmp_path, tiny_qmodel_dir), resume=True, say=lambda s: None)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_qmodel_dir):
+    config = _config(tmp_path, tiny_qmodel_dir, iters=100000, save_every=100000,
+                     steps_per_eval=100000)
+    proc = _train_cli(config)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and "train_loss" in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert err.strip().startswith("error: interrupted at step") and "Traceback" not in err
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step:07d}" / "state.json").is_file()

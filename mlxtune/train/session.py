@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxtune.config import save_config
-from mlxtune.errors import MlxtuneError
+from mlxtune.errors import Interrupted, MlxtuneError
 from mlxtune.train import checkpoint as ckpt
 from mlxtune.train.config import TrainConfig
 from mlxtune.train.data import batches_per_epoch, eval_batches, iterate_batches, load_split
@@ -203,7 +203,7 @@ class TrainingSession:
                                                                  cfg.test_batches))
             self.say(f"test loss {result.test_loss:.4f}")
         if self.stop_reason == "interrupted":
-            raise MlxtuneError(f"interrupted at step {done}; checkpoint saved in {self.run_dir}; "
+            raise Interrupted(f"interrupted at step {done}; checkpoint saved in {self.run_dir}; "
                                "continue with --resume")
         self.say(f"{self.stop_reason} at step {done}; adapters in {self.run_dir}")
         return result
