@@ -86,11 +86,18 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check config and data, print the "
                                                           "memory plan, load nothing."),
+    hosts: Optional[str] = typer.Option(None, "--hosts", help="Train data-parallel on these "
+                                        "hosts (comma-separated) via mlx.launch."),
+    processes: Optional[int] = typer.Option(None, "-n", "--processes", help="Processes per host "
+                                            "for a distributed run (mlx.launch -n)."),
 ) -> None:
     """Fine-tune with LoRA, DoRA or QLoRA as the YAML says; writes a run folder."""
-    from mlxtune.train.run import run_training
+    from mlxtune.train.run import launch_or_train
 
-    run_training(config, overrides, resume=resume, dry_run=dry_run)
+    code = launch_or_train(config, overrides, resume=resume, dry_run=dry_run, hosts=hosts,
+                           processes=processes)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -1,7 +1,6 @@
 """mlxtune train on a tiny random llama: learning, masking, resume after SIGKILL, NaN, dry run."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

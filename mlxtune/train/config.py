@@ -69,6 +69,19 @@ class EarlyStopping:
 
 
 @dataclass
+class Distributed:
+    """Data-parallel training over processes or machines with MLX's own `mlx.launch`."""
+
+    hosts: list[str] = setting(help="Hosts to run on (ssh-reachable, same paths), e.g. "
+                                    "[mac1.local, mac2.local]; empty: this machine.",
+                               factory=list)
+    processes_per_host: int = setting(1, "Processes on each host.", min=1)
+    backend: Literal["ring", "mpi", "jaccl", "nccl"] = setting(
+        "ring", "mlx.launch backend: ring (TCP/Thunderbolt), mpi, jaccl (RDMA), nccl (CUDA).")
+    hostfile: Optional[str] = setting(None, "An mlx.distributed_config host file instead of hosts.")
+
+
+@dataclass
 class TrainConfig:
     """Everything `mlxtune train` needs. mlx-lm's `lora` keys mean the same here."""
 
@@ -106,6 +119,8 @@ class TrainConfig:
     early_stopping: Optional[EarlyStopping] = setting(None, "Stop on a validation plateau.")
     keep_best: bool = setting(True, "Also keep the adapter with the best validation loss "
                                     "(best/adapters.safetensors).")
+    distributed: Optional[Distributed] = setting(
+        None, "Launch itself under mlx.launch across processes/hosts (data parallel).")
     max_memory_gb: Optional[float] = setting(
         None, "Cap MLX's memory (GB); default: the planned peak plus headroom.", min=0.1)
     # mlx-lm keys accepted for compatibility.
@@ -141,3 +156,23 @@ def run_folder(config: TrainConfig, config_path: str | Path | None) -> Path:
         return Path(config.adapter_path)
     stem = Path(config_path).stem if config_path else "run"
     return Path("runs") / stem
+
+
+def launch_command(config: TrainConfig, argv: list[str]) -> list[str] | None:
+    """The mlx.launch command that runs `mlxtune train` with `argv` on every rank, or None when
+    this process should train itself (no distributed section, or already a launched rank)."""
+    import os
+    import sys
+
+    d = config.distributed
+    if d is None or "MLX_RANK" in os.environ:
+        return None
+    # mlx.launch's own entry point, run by this interpreter so the venv needs nothing on PATH.
+    launcher = "from mlx._distributed_utils.launch import main; main()"
+    cmd = [sys.executable, "-c", launcher, "--backend", d.backend]
+    if d.hostfile:
+        cmd += ["--hostfile", d.hostfile]
+    elif d.hosts:
+        cmd += ["--hosts", ",".join(d.hosts)]
+    cmd += ["-n", str(d.processes_per_host), "--", sys.executable, "-m", "mlxtune", "train", *argv]
+    return cmd

@@ -36,39 +36,46 @@ def train(model: nn.Module, optimizer, batches: Iterator, total_steps: int, *,
           seed: int = 0, on_step: Callable | None = None) -> int:
     """Run optimizer updates start_step+1 .. total_steps, each from `accumulation` micro-batches.
 
-    `batches` yields (index, inputs, targets, mask). After every update `on_step(step, loss, ntoks)`
-    is called with that update's token-weighted loss; if it returns True, training stops there.
-    Returns the last step done.
+    `batches` yields (index, inputs, targets, mask). Each update's gradient is the mean over every
+    trained token of all its micro-batches on all ranks, so accumulation and data parallelism are
+    exactly a bigger batch. After every update `on_step(step, loss, ntoks)` is called with that
+    update's mean loss; if it returns True, training stops there. Returns the last step done.
     """
     state = [model.state, optimizer.state, mx.random.state]
-    value_and_grad = nn.value_and_grad(model, loss)
+    world = mx.distributed.init().size()
+
+    def objective(model, inputs, targets, mask, norm):
+        value, ntoks = loss(model, inputs, targets, mask)
+        return value * ntoks / norm, value, ntoks
+
+    value_and_grad = nn.value_and_grad(model, objective)
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(inputs, targets, mask, prev_grad, do_update):
-        (value, ntoks), grad = value_and_grad(model, inputs, targets, mask)
+    def step(inputs, targets, mask, norm, prev_grad, do_update):
+        (_, value, ntoks), grad = value_and_grad(model, inputs, targets, mask, norm)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
-            # Mean over micro-batches, then over ranks (a no-op in one process).
-            grad = average_gradients(tree_map(lambda g: g / accumulation, grad))
-            optimizer.update(model, grad)
+            # average_gradients divides by the world size, which `norm` already multiplied in.
+            optimizer.update(model, average_gradients(grad))
             grad = None
         return value, ntoks, grad
 
     model.train()
     done = start_step
     for done in range(start_step + 1, total_steps + 1):
-        grad, weighted, tokens = None, mx.array(0.0), mx.array(0.0)
+        micro = [next(batches)[1:] for _ in range(accumulation)]
+        tokens = mx.distributed.all_sum(sum(m.sum() for _, _, m in micro), stream=mx.cpu)
+        norm = mx.maximum(tokens, 1) / world
         # Dropout's randomness as a function of (seed, step): a resumed run draws the same masks.
         mx.random.seed(seed * 1_000_003 + done)
-        for micro in range(accumulation):
-            _, inputs, targets, mask = next(batches)
-            value, ntoks, grad = step(inputs, targets, mask, grad, micro == accumulation - 1)
-            weighted, tokens = weighted + value * ntoks, tokens + ntoks
+        grad, weighted = None, mx.array(0.0)
+        for i, (inputs, targets, mask) in enumerate(micro):
+            value, ntoks, grad = step(inputs, targets, mask, norm, grad, i == accumulation - 1)
+            weighted = weighted + value * ntoks
             # Evaluate per micro-batch so at most one graph's activations are alive.
-            mx.eval(state, weighted, tokens, grad)
+            mx.eval(state, weighted, grad)
         weighted = mx.distributed.all_sum(weighted, stream=mx.cpu)
-        tokens = mx.distributed.all_sum(tokens, stream=mx.cpu)
         if on_step is not None and on_step(done, (weighted / mx.maximum(tokens, 1)).item(),
                                            int(tokens.item())):
             break

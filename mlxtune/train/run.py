@@ -5,10 +5,8 @@ Cheap checks come first (config, data files, memory plan), weights load only aft
 
 from __future__ import annotations
 
-import math
-import signal
+import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +57,9 @@ class _Progress:
     """A live bar on a terminal; plain report lines otherwise (CI, logs, pipes)."""
 
     def __init__(self, total: int, start: int, enabled: bool):
-        self.total, self.live = total, enabled and sys.stderr.isatty()
+        # Only rank 0 of a distributed run shows anything.
+        self.total, self.quiet = total, not enabled
+        self.live = enabled and sys.stderr.isatty()
         self.bar = None
         if self.live:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -74,6 +74,8 @@ class _Progress:
             self.bar.update(self.task, completed=step, info=info)
 
     def say(self, line: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.console.print(line)
         else:
@@ -121,3 +123,25 @@ def run_training(config_path: str | Path | None, overrides: list[str] = (), resu
     from mlxtune.train.session import TrainingSession
 
     return TrainingSession(config, config_path, model_dir, files, world, say).run(resume, result)
+
+
+def launch_or_train(config_path: Path, overrides: list[str] = (), resume: bool = False,
+                    dry_run: bool = False, hosts: str | None = None,
+                    processes: int | None = None) -> int:
+    """Train here, or, for a distributed run not yet launched, start every rank with mlx.launch
+    and return its exit code."""
+    from mlxtune.train.config import launch_command
+
+    overrides = list(overrides)
+    if hosts or processes:
+        overrides += [f"distributed.hosts=[{hosts or ''}]",
+                      f"distributed.processes_per_host={processes or 1}"]
+    if not dry_run:
+        argv = [str(config_path), *(x for o in overrides for x in ("--set", o))]
+        launch = launch_command(load_train_config(config_path, overrides),
+                                argv + (["--resume"] if resume else []))
+        if launch:
+            print(f"launching: {' '.join(launch)}", file=sys.stderr)
+            return subprocess.call(launch)
+    run_training(config_path, overrides, resume=resume, dry_run=dry_run)
+    return 0

@@ -46,6 +46,8 @@ class TrainingSession:
         self.config, self.config_path, self.model_dir = config, config_path, model_dir
         self.files, self.world, self.say = files, world, say
         self.main = world.rank() == 0
+        if not self.main:
+            self.say = lambda line: None
         from mlxtune.train.config import run_folder
 
         self.run_dir = run_folder(config, config_path)
@@ -135,7 +137,7 @@ class TrainingSession:
         w["loss"] += loss * ntoks
         w["steps"] += 1
         elapsed = time.perf_counter() - w["time"]
-        tps = w["tokens"] * self.world.size() / max(elapsed, 1e-9)
+        tps = w["tokens"] / max(elapsed, 1e-9)  # tokens are already summed over ranks
         peak = mx.get_peak_memory() / 1024**3
         self.progress.update(step, f"loss {loss:.3f}  {tps:,.0f} tok/s  {peak:.2f} GB")
         if step % cfg.steps_per_report == 0 or step == self.total:
@@ -159,7 +161,9 @@ class TrainingSession:
 
     def _eval(self, step: int) -> bool:
         cfg = self.config
-        val = evaluate(self.model, eval_batches(self.valid_set, cfg.batch_size, cfg.val_batches))
+        # Each rank scores its own share; evaluate() sums across ranks.
+        mine = self.valid_set[self.world.rank()::self.world.size()]
+        val = evaluate(self.model, eval_batches(mine, cfg.batch_size, cfg.val_batches))
         self.model.train()
         self.last_val = val
         self.progress_say(f"step {step}: val loss {val:.4f}")
