@@ -102,6 +102,8 @@ def system_report() -> dict:
     """Everything `mlxtune doctor` shows, measured now."""
     import mlx.core as mx
 
+    from mlxtune.blas import describe as fast_blas_state
+
     gflops = measure_matmul_gflops()
     blas = loaded_blas()
     report = {
@@ -114,12 +116,16 @@ def system_report() -> dict:
         "mlx": mx.__version__,
         "backend": backend(),
         "blas": blas,
+        "fast_blas": fast_blas_state(),
         "cpu_matmul_gflops": round(gflops, 1),
         "advice": [],
     }
     advice = report["advice"]
     if report["backend"] == "cpu" and sys.platform.startswith("linux"):
-        if gflops < 30:
+        if gflops < 30 and report["fast_blas"]["fast_blas"] != "on":
+            advice.append(f"MLX's CPU matmul runs at {gflops:.0f} GFLOP/s with the fast BLAS "
+                          "turned off (MLXTUNE_FAST_BLAS=0): unset it to load OpenBLAS")
+        elif gflops < 30:
             advice.append(f"MLX's CPU matmul runs at {gflops:.0f} GFLOP/s, the speed of the "
                           "reference BLAS: run ./scripts/setup.sh (it installs OpenBLAS) and use "
                           "the mlxtune command, which loads it for MLX")
