@@ -30,11 +30,10 @@ def load_for_training(model_dir: Path, config: TrainConfig):
     if config.quantize is not None and "quantization" not in model_config:
         model, _ = quantize_model(model, model_config, config.quantize.group_size,
                                   config.quantize.bits)
-    from mlxtune.platform import backend
+    from mlxtune.fastpath import prepare_for_training
 
-    if backend() == "cpu":
-        # fp16 matmuls on MLX's CPU backend skip BLAS; compute in fp32 there.
-        model.set_dtype(mx.float32)
+    # The one place the compute path is chosen: on the CPU, de-quantize per layer and use fp32.
+    prepare_for_training(model)
     return model, tokenizer
 
 
