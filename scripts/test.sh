@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# Plain python/pytest processes get the same fast BLAS the mlxtune command loads for itself.
+eval "$(.venv/bin/python -m mlxtune.blas --env)"
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,151 @@
+"""The CPU fast path: de-quantize per layer in fp32, same losses and gradients as MLX's own
+quantized path, and the memory of a 4-bit model rather than of its fp32 copy."""
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.trainer import default_loss
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import load_model
+
+from mlxtune.fastpath import DequantizedEmbedding, DequantizedLinear, prepare_for_training
+
+
+def _lora_model(model_dir, fast: bool, layers: int = 2):
+    model, _ = load_model(model_dir)
+    model.freeze()
+    mx.random.seed(0)  # same LoRA init in both models
+    linear_to_lora_layers(model, layers, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    if fast:
+        prepare_for_training(model, "cpu")
+    else:
+        # MLX's own quantized kernels, computing in fp32 as mlxtune does on CPU.
+        model.set_dtype(mx.float32)
+    return model
+
+
+def _train(model, batches, compiled: bool = True):
+    """Losses of AdamW steps over `batches`, and the LoRA gradients of the first."""
+    optimizer = optim.AdamW(learning_rate=1e-2)
+    loss_and_grad = nn.value_and_grad(model, default_loss)
+    state = [model.state, optimizer.state]
+
+    def step(batch, lengths):
+        (loss, _), grad = loss_and_grad(model, batch, lengths)
+        optimizer.update(model, grad)
+        return loss, grad
+
+    if compiled:
+        step = partial(mx.compile, inputs=state, outputs=state)(step)
+    losses, first_grad = [], None
+    for batch in batches:
+        lengths = mx.array([[0, batch.shape[1] - 1]] * batch.shape[0])
+        loss, grad = step(batch, lengths)
+        mx.eval(state, loss, grad)
+        losses.append(loss.item())
+        first_grad = first_grad or dict(tree_flatten(grad))
+    return losses, first_grad
+
+
+def _batches(vocab: int, n: int, shape=(2, 17)):
+    return [mx.random.randint(0, vocab, shape, key=mx.random.key(i)) for i in range(n)]
+
+
+def test_swaps_quantized_layers_only_on_cpu(tiny_qmodel_dir):
+    model = _lora_model(tiny_qmodel_dir, fast=False)
+    prepare_for_training(model, "metal")
+    assert not any(isinstance(m, DequantizedLinear) for _, m in model.named_modules())
+    prepare_for_training(model, "cpu")
+    swapped = [m for _, m in model.named_modules() if isinstance(m, DequantizedLinear)]
+    # Every quantized linear (inside LoRA layers too) is ours and still a QuantizedLinear.
+    assert swapped and all(isinstance(m, nn.QuantizedLinear) for m in swapped)
+    assert not any(type(m) is nn.QuantizedLinear for _, m in model.named_modules())
+    assert model.layers[0].self_attn.q_proj.linear.weight.dtype == mx.uint32
+    assert model.model.norm.weight.dtype == mx.float32
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_losses_and_grads_match_mlx_quantized_path(tiny_qmodel_dir, compiled):
+    batches = _batches(300, 1) * 3  # one batch thrice: the loss must fall
+    ref_losses, ref_grad = _train(_lora_model(tiny_qmodel_dir, fast=False), batches, compiled)
+    losses, grad = _train(_lora_model(tiny_qmodel_dir, fast=True), batches, compiled)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-3)
+    assert ref_losses[-1] < ref_losses[0] - 0.05  # the steps trained something
+    assert grad.keys() == ref_grad.keys() and any("lora_a" in k for k in grad)
+    for key, value in ref_grad.items():
+        np.testing.assert_allclose(np.array(grad[key]), np.array(value), rtol=1e-3, atol=1e-5)
+
+
+def test_lora_fuse_still_works(tiny_qmodel_dir):
+    """mlx-lm's LoRALinear.fuse sees a QuantizedLinear and returns a quantized fused layer."""
+    model = _lora_model(tiny_qmodel_dir, fast=True)
+    lora = model.layers[0].self_attn.q_proj
+    lora.lora_b = mx.random.normal(lora.lora_b.shape) * 0.1
+    x = mx.random.normal((1, 3, 64))
+    assert isinstance(lora.fuse(), nn.QuantizedLinear)  # re-quantized, as mlx-lm does
+    fused = lora.fuse(dequantize=True)
+    np.testing.assert_allclose(np.array(fused(x)), np.array(lora(x)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_builtin_model_losses_match(builtin_model_dir):
+    """SmolLM2-135M: 4-bit layers and the tied 8-bit embedding used as the output layer."""
+    batches = _batches(49152, 2, shape=(1, 33))
+    ref_losses, _ = _train(_lora_model(builtin_model_dir, fast=False, layers=4), batches)
+    model = _lora_model(builtin_model_dir, fast=True, layers=4)
+    assert isinstance(model.model.embed_tokens, DequantizedEmbedding)
+    losses, _ = _train(model, batches)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-3)
+
+
+class _NaiveLinear(nn.QuantizedLinear):
+    """De-quantize then matmul, no custom VJP: autograd keeps every fp32 weight for backward."""
+
+    def __call__(self, x):
+        w = mx.dequantize(self["weight"], self["scales"].astype(mx.float32),
+                          self["biases"].astype(mx.float32), self.group_size, self.bits)
+        return x @ w.T
+
+
+def _peak_of_step(layer_cls) -> tuple[int, int]:
+    """Peak bytes of one LoRA step of a random 4-bit llama (8 x hidden 1024), and its weights."""
+    from mlx_lm.models import llama
+
+    config = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 8,
+              "intermediate_size": 2816, "num_attention_heads": 8, "num_key_value_heads": 8,
+              "rms_norm_eps": 1e-5, "vocab_size": 512, "rope_theta": 10000.0,
+              "tie_word_embeddings": False}
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    nn.quantize(model, 32, 4)
+    model.freeze()
+    linear_to_lora_layers(model, 8, {"rank": 8, "scale": 10.0, "dropout": 0.0})
+    prepare_for_training(model, "cpu")
+    for _, m in model.named_modules():
+        if type(m) is DequantizedLinear and layer_cls is not DequantizedLinear:
+            m.__class__ = layer_cls
+    mx.eval(model.parameters())
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    batch = mx.random.randint(0, 512, (1, 33))
+    lengths = mx.array([[0, 32]])
+    mx.synchronize()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    _, grad = nn.value_and_grad(model, default_loss)(model, batch, lengths)
+    mx.eval(grad)
+    return mx.get_peak_memory() - base, weights
+
+
+def test_custom_vjp_keeps_memory_of_a_4bit_model():
+    naive, weights = _peak_of_step(_NaiveLinear)
+    fast, _ = _peak_of_step(DequantizedLinear)
+    one_layer_fp32 = 4 * (4 * 1024 * 1024 + 3 * 1024 * 2816)  # ~51 MB
+    # Naive: all 8 layers' fp32 weights wait for the backward pass (~410 MB on top of weights).
+    assert naive > 6 * one_layer_fp32, (naive, fast, weights)
+    # Custom VJP: about one layer's fp32 weight at a time plus small activations.
+    assert fast < 2.5 * one_layer_fp32, (naive, fast, weights)
