@@ -100,6 +100,43 @@ def train(
         raise typer.Exit(code)
 
 
+@app.command("eval")
+def eval_(
+    data: Path = typer.Option(..., "--data", help="Prepared data folder (its test.jsonl) or a "
+                                                  "chat/completions/text JSONL file."),
+    model: str = typer.Option(..., "--model", help="With --url: the model name the server "
+                              "serves; else a local model (folder, .gguf, built-in, repo id)."),
+    out: Path = typer.Option(..., "--out", help="Folder for results.jsonl, summary.json and "
+                                                "report.html."),
+    url: Optional[str] = typer.Option(None, "--url", help="OpenAI-compatible API base URL, e.g. "
+                                      "http://127.0.0.1:8080/v1."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder for a local "
+                                           "model (a run folder of mlxtune train)."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="A second model (typically the "
+                                          "base) to answer the same prompts."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated: exact, "
+                                          "contains, rouge, chrf, bleu, json (default: all "
+                                          "but bleu)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples."),
+    concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight to a server."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Longest answer, in tokens."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for one answer."),
+    retries: int = typer.Option(3, "--retries", help="Retries of a failed request."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="API key (default: "
+                                          "$OPENAI_API_KEY, else none)."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted eval in --out."),
+) -> None:
+    """Answer the test prompts with a server or a local model, score them, compare two models."""
+    from mlxtune.evaluate.run import run_eval
+
+    summary = run_eval(data, out, model, url=url, adapter=adapter, compare=compare,
+                       metrics=metrics, limit=limit, concurrency=concurrency,
+                       max_tokens=max_tokens, timeout=timeout, retries=retries, api_key=api_key,
+                       resume=resume)
+    _table(*reversed(summary.table()))
+    print(f"results in {out}: results.jsonl, summary.json, report.html")
+
+
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Platform, MLX backend, BLAS speed, memory, and what to do about anything slow."""

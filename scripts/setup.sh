@@ -26,6 +26,14 @@ case "$(uname -s)" in
              "OpenBLAS) or MLX's CPU backend will be slow" >&2
       fi
     fi
+    # The eval report's test renders the page in a real headless browser.
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+        && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing chromium (headless browser for the eval report test)"
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+        || echo "setup: warning: could not install chromium; the report browser test will skip" >&2
+    fi
     ;;
   *) extras="dev" ;;
 esac
