@@ -1,0 +1,267 @@
+"""`prepare_dataset`: raw files in, mlx-lm's train/valid/test JSONL and a report out, streaming.
+
+Order of work: check options and the output folder, open every file and detect its shape from
+its first record, settle on one mlx-lm format, and only then load a tokenizer (if asked) and
+stream every row once: read, normalise, deduplicate, count tokens, append to its split.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from array import array
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from mlxtune.errors import ConfigError, DataError, ModelError
+from mlxtune.models.folder import atomic_folder
+from mlxtune.prepare.fingerprints import FingerprintSet
+from mlxtune.prepare.readers import Malformed, Source
+from mlxtune.prepare.report import DropLog, Report, token_stats
+from mlxtune.prepare.shapes import (FORMATS, Drop, Shape, as_chat, detect_shape, parse_columns,
+                                    to_example)
+from mlxtune.prepare.splits import SPLITS, digest_example, move_lines, pick_split
+
+OUTPUT_FILES = {f"{s}.jsonl" for s in SPLITS} | {"report.json"}
+# Inputs at least this large get a progress bar (on a terminal).
+_LARGE = 64 << 20
+_TICK = 8192
+
+
+@dataclass
+class PrepareOptions:
+    """What `mlxtune prepare` takes besides the inputs and the output folder."""
+
+    format: str = "auto"
+    columns: Optional[dict] = None  # or "prompt=Q,completion=A", parsed by check_options
+    system: Optional[str] = None
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    strict: bool = False
+    progress: Optional[bool] = None  # None: only for large inputs, only on a terminal
+
+
+def check_options(options: PrepareOptions) -> None:
+    """Raise one ConfigError listing every problem with `options`."""
+    o, problems = options, []
+    if isinstance(o.columns, str):
+        try:
+            o.columns = parse_columns(o.columns)
+        except ConfigError as e:
+            problems += e.problems
+    if o.format not in FORMATS:
+        problems.append(f"--format {o.format!r}: use one of {', '.join(FORMATS)}")
+    for name, value in (("--valid-fraction", o.valid_fraction), ("--test-fraction",
+                                                                 o.test_fraction)):
+        if not 0 <= value < 1:
+            problems.append(f"{name} {value}: must be at least 0 and below 1")
+    if o.valid_fraction + o.test_fraction >= 1:
+        problems.append(f"--valid-fraction + --test-fraction = "
+                        f"{o.valid_fraction + o.test_fraction:g} leaves nothing to train on")
+    if o.max_tokens is not None and not o.model:
+        problems.append("--max-tokens needs --model (tokens are counted with its tokenizer)")
+    if o.max_tokens is not None and o.max_tokens < 1:
+        problems.append(f"--max-tokens {o.max_tokens}: must be positive")
+    if problems:
+        raise ConfigError(problems)
+
+
+def prepare_dataset(inputs: list, out: Path, options: PrepareOptions | None = None) -> Report:
+    """Turn raw files into `out`/{train,valid,test}.jsonl and report.json; all or nothing."""
+    options = options or PrepareOptions()
+    check_options(options)
+    if not inputs:
+        raise ConfigError(["no input files given"])
+    out = Path(out)
+    _check_out(out)
+    sources = [Source(p) for p in inputs]
+    shapes = [_file_shape(s, options) for s in sources]
+    kind = _common_kind(sources, shapes, options)
+    count = _token_counter(options.model, kind) if options.model else None
+    report = Report(out=out, format=kind, options=asdict(options))
+    tmp, commit = atomic_folder(out)
+    try:
+        _stream(sources, shapes, kind, count, options, tmp, report)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _check_out(out: Path) -> None:
+    # The swap replaces `out` whole: never let a typo like --out . delete a folder of other work.
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+        if others:
+            raise DataError(f"{out}: holds other files ({', '.join(others[:5])}), so prepare "
+                            "will not replace it; choose a new folder")
+
+
+def _file_shape(source: Source, options: PrepareOptions) -> Shape | None:
+    """The file's shape, from its first readable record (or a CSV header); None if it has none."""
+    if source.kind == "text":
+        return detect_shape(str(source.path), "", options.format)
+    rows = source.rows()
+    try:
+        for _, record in rows:
+            if isinstance(record, (dict, str)):  # a stray array or number is one bad row
+                return detect_shape(str(source.path), record, options.format, options.columns)
+    finally:
+        rows.close()
+    header = getattr(source, "header", None)
+    if header:
+        return detect_shape(str(source.path), dict.fromkeys(header, ""), options.format,
+                            options.columns)
+    return None
+
+
+def _common_kind(sources: list[Source], shapes: list, options: PrepareOptions) -> str:
+    """The one mlx-lm format every split file will hold, since mlx-lm reads one per file."""
+    kinds = {shape.kind for shape in shapes if shape}
+    if "text" in kinds and (len(kinds) > 1 or options.system):
+        text = [str(s.path) for s, sh in zip(sources, shapes) if sh and sh.kind == "text"]
+        if options.system:
+            raise DataError(f"--system needs chat or prompt/completion data; {text[0]} is text")
+        other = [str(s.path) for s, sh in zip(sources, shapes) if sh and sh.kind != "text"]
+        raise DataError(f"cannot mix text ({', '.join(text)}) with chat or prompt/completion "
+                        f"data ({', '.join(other)}): mlx-lm reads one format per file; prepare "
+                        "them into separate folders")
+    # Chat is the common form: mlx-lm renders completions as a user and an assistant turn anyway.
+    if "chat" in kinds or options.system:
+        return "chat"
+    return kinds.pop() if kinds else "completions"
+
+
+def _token_counter(model: str, kind: str) -> Callable[[dict], int]:
+    """A function giving an example's length in tokens the way mlx-lm's datasets tokenize it."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxtune.models.resolve import resolve_model
+
+    # Only the tokenizer files are read; the weights stay on disk.
+    tokenizer = load_tokenizer(resolve_model(model))
+    if kind != "text" and not tokenizer.has_chat_template:
+        raise ModelError(f"{model}: its tokenizer has no chat template, which {kind} data needs")
+
+    def count(example: dict) -> int:
+        if kind == "text":
+            ids = tokenizer.encode(example["text"])
+            return len(ids) + (not ids or ids[-1] != tokenizer.eos_token_id)
+        # Completions too: mlx-lm's CompletionsDataset applies the chat template to them.
+        return len(tokenizer.apply_chat_template(as_chat(example)["messages"],
+                                                 tools=example.get("tools"), return_dict=False))
+
+    return count
+
+
+def _stream(sources: list[Source], shapes: list, kind: str, count, options: PrepareOptions,
+            folder: Path, report: Report) -> None:
+    """Read every row once and write each kept example to its split file in `folder`."""
+    total = sum(s.size for s in sources)
+    seen = FingerprintSet(min(max(1 << 16, 1 << (total // 256).bit_length()), 1 << 21))
+    lengths = array("I")
+    lowest: list[tuple[float, int]] = []  # the two lowest-scoring train examples, for _fill_empty
+    log = DropLog(report, folder / ".dropped.jsonl")
+    outs = {s: open(folder / f"{s}.jsonl", "wb", buffering=1 << 20) for s in SPLITS}
+    bar = _progress_bar(total, options.progress)
+    # Our examples are plain trees of dicts, lists and strings: no cycle check needed.
+    encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+    try:
+        done = 0
+        for source, shape in zip(sources, shapes):
+            label = str(source.path)
+            stats = {"file": label, "shape": shape.describe() if shape else "unreadable", "rows": 0,
+                     "kept": 0, "dropped": 0}
+            report.files.append(stats)
+            for position, record in source.rows():
+                stats["rows"] += 1
+                if bar and stats["rows"] % _TICK == 0:
+                    bar.update(0, completed=done + source.tell())
+                try:
+                    if isinstance(record, Malformed):
+                        raise Drop("malformed", record.why)
+                    example = to_example(shape, record)
+                    if kind == "chat":
+                        example = as_chat(example, options.system)
+                    line = encode(example).encode()
+                    fingerprint, score = digest_example(line, options.seed)
+                    if not seen.add(fingerprint):
+                        raise Drop("duplicate", "the same example as an earlier row")
+                    n = count(example) if count else None
+                    if options.max_tokens and n > options.max_tokens:
+                        raise Drop("too_long", f"{n} tokens, over --max-tokens "
+                                               f"{options.max_tokens}")
+                except Drop as d:
+                    if options.strict:
+                        raise DataError(f"{source.where(position)}: {d.why} (--strict stops at "
+                                        "the first row it would drop)") from None
+                    stats["dropped"] += 1
+                    log.add(label, source.unit, position, d.reason, d.why)
+                    continue
+                split = pick_split(score, options.valid_fraction, options.test_fraction)
+                if split == "train" and (len(lowest) < 2 or score < lowest[-1][0]):
+                    lowest = sorted([*lowest, (score, report.kept["train"])])[:2]
+                outs[split].write(line + b"\n")
+                report.kept[split] += 1
+                stats["kept"] += 1
+                if n is not None:
+                    lengths.append(n)
+            done += source.size
+        for f in outs.values():
+            f.close()
+        if not any(report.kept.values()):
+            reasons = ", ".join(f"{n} {r}" for r, n in report.dropped.items()) or "no rows"
+            raise DataError(f"no examples left to write ({reasons}); nothing was written; run "
+                            "with --strict to see the first bad row")
+        _fill_empty(folder, report, options, lowest)
+        report.tokens = token_stats(lengths)
+        log.write_report(folder / "report.json")
+    finally:
+        for f in outs.values():
+            f.close()
+        log.close()
+        if bar:
+            bar.stop()
+
+
+def _fill_empty(folder: Path, report: Report, options: PrepareOptions, lowest: list) -> None:
+    """Give an empty valid or test split (one that was asked for) a train example.
+
+    On small data the hash split can leave a split empty, and training needs a validation set.
+    The lowest-scoring train examples move, so the choice still depends on content and seed only.
+    """
+    need = [s for s, fraction in (("test", options.test_fraction),
+                                  ("valid", options.valid_fraction))
+            if fraction > 0 and report.kept[s] == 0]
+    if not need or report.kept["train"] <= len(need):
+        return
+    moves = {index: split for (_, index), split in zip(lowest, need)}
+    move_lines(folder, "train", moves)
+    for split in moves.values():
+        report.kept["train"] -= 1
+        report.kept[split] += 1
+        report.notes.append(f"the hash split left {split} empty: moved 1 example from train")
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    """A rich progress bar on stderr, started, or None when it is not wanted."""
+    if enabled is None:
+        enabled = total >= _LARGE and sys.stderr.isatty()
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    bar = Progress("preparing", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    bar.add_task("prepare", total=total)
+    bar.start()
+    return bar
