@@ -79,6 +79,46 @@ def models_convert(
 
 
 @app.command()
+def prepare(
+    raw: list[Path] = typer.Argument(..., help="Raw data: .json, .jsonl, .csv, .tsv, .txt, "
+                                               ".parquet (several are merged)."),
+    out: Path = typer.Option(..., "--out", help="Folder for train/valid/test.jsonl and "
+                                                "report.json (replaced atomically)."),
+    format_: str = typer.Option("auto", "--format", help="auto, alpaca, sharegpt, chat, "
+                                "completions or text (default: detected per file)."),
+    columns: Optional[str] = typer.Option(None, "--columns", help="Which fields hold what, e.g. "
+                                          "prompt=Question,completion=Answer (also system=, "
+                                          "text=)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message for chat "
+                                         "examples that have none (makes the output chat)."),
+    valid_fraction: float = typer.Option(0.1, "--valid-fraction", help="Share of examples for "
+                                         "valid.jsonl."),
+    test_fraction: float = typer.Option(0.1, "--test-fraction", help="Share of examples for "
+                                        "test.jsonl."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split (same seed, same split)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Count tokens with this model's "
+                                        "tokenizer and chat template (weights are not loaded)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Drop examples longer "
+                                             "than this (needs --model)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first row that would be "
+                                "dropped (malformed, empty, unanswered, duplicate, too long); "
+                                "write nothing."),
+) -> None:
+    """Turn raw data into mlx-lm's train/valid/test JSONL: detect, clean, dedupe, split, report."""
+    from mlxtune.prepare import PrepareOptions, prepare_dataset
+
+    options = PrepareOptions(format=format_, columns=columns, system=system,
+                             valid_fraction=valid_fraction, test_fraction=test_fraction,
+                             seed=seed, model=model, max_tokens=max_tokens, strict=strict)
+    report = prepare_dataset(raw, out, options)
+    for rows, names in report.tables():
+        _table(rows, names)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"wrote {out}: train/valid/test.jsonl ({report.format}) and report.json")
+
+
+@app.command()
 def train(
     config: Path = typer.Argument(..., help="Training YAML (a superset of mlx_lm.lora -c)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a key: --set a.b=value "
