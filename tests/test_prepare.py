@@ -196,14 +196,16 @@ def test_json_object_holding_an_array_and_json_lines_named_json(tmp_path):
     wrapped.write_text(json.dumps({"version": 2, "data": [
         {"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]}))
     lines = write_lines(tmp_path / "lines.json", ['{"prompt": "e", "completion": "f"}',
-                                                  '{"prompt": "g", "completion": "h"}'])
+                                                  '{"prompt": "g", "completion": "h"}', '{oops'])
     report = prepare_dataset([wrapped, lines], tmp_path / "out")
-    assert [f["rows"] for f in report.files] == [2, 2]
+    assert [f["rows"] for f in report.files] == [2, 3]
     assert sum(report.kept.values()) == 4
+    assert [(r["file"], r.get("line"), r["reason"]) for r in report.dropped_rows] == [
+        (str(lines), 3, "malformed")]
 
 
 def test_big_json_array_is_streamed_across_chunks(tmp_path, monkeypatch):
-    import mlxtune.prepare.readers as readers
+    from mlxtune.prepare import readers
 
     monkeypatch.setattr(readers, "_CHUNK", 64)  # every item straddles a chunk boundary
     items = [{"prompt": f"question {i} ünïcödé " + "x" * (i % 7) * 30, "completion": f"a{i}"}

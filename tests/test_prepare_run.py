@@ -90,7 +90,7 @@ def test_token_lengths_with_the_model_tokenizer(tmp_path, tiny_model_dir):
 
 
 def test_bad_data_is_reported_before_the_tokenizer_loads(tmp_path, monkeypatch):
-    import mlxtune.prepare.run as run
+    from mlxtune.prepare import run
 
     monkeypatch.setattr(run, "_token_counter", lambda *a: pytest.fail("tokenizer loaded"))
     raw = tmp_path / "x.csv"
@@ -150,10 +150,10 @@ def test_cli_user_error_is_a_data_error(tmp_path, nasty):
 def test_cli_subprocess_one_line_exit_2(tmp_path, nasty):
     env = dict(os.environ, MLXTUNE_FAST_BLAS="0")
     proc = subprocess.run([sys.executable, "-m", "mlxtune", "prepare", str(nasty), "--out",
-                           str(tmp_path / "o"), "--strict"], capture_output=True, text=True,
-                          env=env, timeout=120)
+                           str(tmp_path / "o"), "--strict"], check=False, capture_output=True,
+                          text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {nasty}:4: not valid JSON (Expecting ',' delimiter at column 53) (--strict "
-        "stops at the first row it would drop)"]
+        (f"error: {nasty}:4: not valid JSON (Expecting ',' delimiter at column 53) (--strict "
+         "stops at the first row it would drop)")]
     assert proc.stdout == ""

@@ -10,9 +10,9 @@ import codecs
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from mlxtune.errors import DataError
 
@@ -89,9 +89,12 @@ class Source:
         first, _, rest = head.partition(b"\n")
         if rest.strip() and isinstance(_parse_json_line(first), dict):
             # Many "*.json" exports are really one object per line: stream them as JSONL.
+            self.unit = "line"
             yield from self._rows_jsonl()
             return
         try:
+            # An object holding the array is read whole: such files are small in practice,
+            # while the big exports are top-level arrays (streamed above) or JSON lines.
             data = json.loads(self.path.read_bytes().decode("utf-8-sig"))
         except UnicodeDecodeError as e:
             raise DataError(f"{self.path}: not UTF-8 ({e.reason} at byte {e.start})") from None
@@ -202,7 +205,7 @@ class Source:
                 yield done, record
 
     def _open_text(self):
-        """The file as text: UTF-8 with or without BOM, or UTF-16 as Excel's 'Unicode text' saves it."""
+        """The file as text: UTF-8 with or without BOM, or UTF-16 (Excel's 'Unicode text')."""
         raw = open(self.path, "rb")
         start = raw.read(2)
         raw.seek(0)
@@ -258,7 +261,7 @@ def _row_dict(header: list[str], cells: list[str]) -> object:
 
 
 def _records_in(data: object, path: Path) -> list:
-    """The examples in a parsed JSON document: the array itself, or the one array an object holds."""
+    """The examples in a parsed JSON document: the array, or the one array an object holds."""
     if isinstance(data, list):
         return data
     if isinstance(data, dict):

@@ -85,8 +85,8 @@ class DropLog:
         with open(path, "w", encoding="utf-8") as out, \
                 open(self._spool_path, encoding="utf-8") as spool:
             out.write(head[:-2] + ',\n  "dropped_rows": [')
-            for i, line in enumerate(spool):
-                out.write(("\n    " if i == 0 else ",\n    ") + line.rstrip("\n"))
+            out.writelines(("\n    " if i == 0 else ",\n    ") + line.rstrip("\n")
+                           for i, line in enumerate(spool))
             out.write("\n  ]\n}\n")
         self._spool_path.unlink()
 

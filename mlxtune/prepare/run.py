@@ -11,9 +11,9 @@ import json
 import shutil
 import sys
 from array import array
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 from mlxtune.errors import ConfigError, DataError, ModelError
 from mlxtune.models.folder import atomic_folder
@@ -35,15 +35,15 @@ class PrepareOptions:
     """What `mlxtune prepare` takes besides the inputs and the output folder."""
 
     format: str = "auto"
-    columns: Optional[dict] = None  # or "prompt=Q,completion=A", parsed by check_options
-    system: Optional[str] = None
+    columns: dict | None = None  # or "prompt=Q,completion=A", parsed by check_options
+    system: str | None = None
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
-    model: Optional[str] = None
-    max_tokens: Optional[int] = None
+    model: str | None = None
+    max_tokens: int | None = None
     strict: bool = False
-    progress: Optional[bool] = None  # None: only for large inputs, only on a terminal
+    progress: bool | None = None  # None: only for large inputs, only on a terminal
 
 
 def check_options(options: PrepareOptions) -> None:

@@ -38,7 +38,7 @@ class Drop(Exception):
 
 @dataclass(frozen=True)
 class Shape:
-    """How one file's records are laid out: its shape name, the mlx-lm format it maps to, its keys."""
+    """How one file's records are laid out: shape name, the mlx-lm format it maps to, its keys."""
 
     name: str
     kind: str
@@ -81,7 +81,7 @@ def _keys(record: dict) -> dict[str, str]:
 
 def detect_shape(label: str, record: object, fmt: str = "auto",
                  columns: dict[str, str] | None = None) -> Shape:
-    """The shape of a file, from its first record (or CSV header) and the user's --format/--columns."""
+    """A file's shape, from its first record (or CSV header) and the user's --format/--columns."""
     if isinstance(record, str):
         if fmt not in ("auto", "text"):
             raise DataError(f"{label}: holds plain text, which cannot be read as --format {fmt}")
@@ -138,7 +138,7 @@ def _column_shape(label: str, keys: dict, columns: dict, listing: str) -> Shape:
 
 
 def text_of(value: object, what: str) -> str:
-    """A field's value as text: strings as they are, numbers written out, OpenAI content parts joined."""
+    """A field's value as text: strings as they are, numbers written out, content parts joined."""
     if isinstance(value, str):
         return value
     if value is None:
