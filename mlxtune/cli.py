@@ -178,6 +178,55 @@ def eval_(
 
 
 @app.command()
+def fuse(
+    out: Path = typer.Option(..., "--out", help="Folder to write the fused model to."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder of mlxtune train "
+                                       "(runs/NAME)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder "
+                                           "(adapters.safetensors + adapter_config.json)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the one the "
+                                        "adapter was trained on)."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Write fp16 weights "
+                                    "(transformers loads them) instead of re-quantizing."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="Also write this GGUF file "
+                                        "(llama-family models)."),
+    gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF weights: f16, q8_0 or q4_0."),
+) -> None:
+    """Merge an adapter into its base model; report how much the merge moved the logits."""
+    from mlxtune.fuse import fuse as fuse_adapter
+
+    fuse_adapter(out, run=run, adapter=adapter, model=model, dequantize=dequantize, gguf=gguf,
+                 gguf_type=gguf_type)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the --run's)."),
+    adapters: list[str] = typer.Option([], "--adapter", help="NAME=DIR: serve this adapter as "
+                                       "model NAME (repeatable)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Serve this run's adapter under the "
+                                       "run's name, on its base model."),
+    fuse_run: bool = typer.Option(False, "--fuse", help="Fuse the --run adapter into the base in "
+                                  "memory instead of swapping it per request."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: "
+                                          "Bearer KEY' on every /v1 request."),
+    max_loras: int = typer.Option(4, "--max-loras", help="Adapters kept resident; the least "
+                                  "recently used leave first."),
+    max_lora_rank: int = typer.Option(64, "--max-lora-rank", help="Refuse adapters of higher "
+                                      "rank."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Requests for one adapter generated "
+                                  "together."),
+) -> None:
+    """Serve a base model and its adapters with an OpenAI-compatible HTTP API."""
+    from mlxtune.serve import serve as run_server
+
+    run_server(model, adapters, run, fuse_run, host, port, api_key, max_loras, max_lora_rank,
+               max_batch)
+
+
+@app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Platform, MLX backend, BLAS speed, memory, and what to do about anything slow."""
     from mlxtune.platform import system_report

@@ -1,0 +1,230 @@
+"""mlxtune serve: the real server on a free port, talked to with the real openai client (sync,
+async, streaming), one tiny 4-bit base and two adapters trained to different answers."""
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from mlxtune.errors import MlxtuneError
+from tests.adapters import ANSWERS, trained_adapters
+
+KEY = "test-key"
+QUESTION = [{"role": "user", "content": "quick brown fox"}]
+
+
+class Server:
+    """uvicorn serving create_app(registry) in a thread, on a port the OS picked."""
+
+    def __init__(self, registry, api_key=KEY):
+        import uvicorn
+
+        from mlxtune.serve import bind_socket
+        from mlxtune.serve.app import create_app
+
+        sock = bind_socket("127.0.0.1", 0)
+        self.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.registry = registry
+        self.server = uvicorn.Server(uvicorn.Config(create_app(registry, api_key=api_key),
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       daemon=True)
+        self.thread.start()
+        for _ in range(600):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+
+    def client(self, key=KEY, **kw):
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, **kw)
+
+    def raw(self, method, path, body=None, key=KEY):
+        """(status, JSON body) of a plain HTTP request; `body` bytes are sent as they are."""
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, tiny_qmodel_dir):
+    """The json-bot and alpha-bot run folders on the 4-bit tiny llama."""
+    return trained_adapters(tmp_path_factory.mktemp("adapters"), tiny_qmodel_dir)
+
+
+@pytest.fixture(scope="module")
+def server(runs, tiny_qmodel_dir):
+    """The base and both adapters, behind an API key."""
+    from mlxtune.serve import build_registry
+
+    registry = build_registry(str(tiny_qmodel_dir), [f"{n}={p}" for n, p in runs.items()],
+                              say=lambda s: None)
+    srv = Server(registry)
+    yield srv
+    srv.close()
+
+
+def _ask(client, model, messages=QUESTION, **kw):
+    kw = {"temperature": 0, "max_tokens": 12, **kw}
+    return client.chat.completions.create(model=model, messages=messages, **kw)
+
+
+def test_models_listed_and_each_gives_its_own_answer(server, tiny_qmodel_dir):
+    client = server.client()
+    base = str(tiny_qmodel_dir)
+    assert [m.id for m in client.models.list()] == [base, "json-bot", "alpha-bot"]
+    answers = {name: _ask(client, name) for name in (base, "json-bot", "alpha-bot")}
+    texts = {name: r.choices[0].message.content for name, r in answers.items()}
+    assert texts["json-bot"].startswith(ANSWERS["json-bot"])
+    assert texts["alpha-bot"].startswith(ANSWERS["alpha-bot"])
+    assert len(set(texts.values())) == 3
+    assert not any(texts[base].startswith(a[:5]) for a in ANSWERS.values())
+    r = answers["json-bot"]
+    prompt = server.registry.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True,
+                                                           tokenize=False)
+    assert r.usage.prompt_tokens == len(server.registry.tokenizer.encode(prompt))
+    assert r.choices[0].finish_reason == "stop" and 0 < r.usage.completion_tokens < 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert answers[base].choices[0].finish_reason == "length"
+    assert answers[base].usage.completion_tokens == 12
+
+
+def test_streaming_chat_and_completions_match_the_whole_answer(server):
+    client = server.client()
+    whole = _ask(client, "alpha-bot").choices[0].message.content
+    chunks = list(_ask(client, "alpha-bot", stream=True,
+                       stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len(deltas) > 2 and "".join(deltas) == whole
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason
+    prompt = "<|im_start|>user\nquick brown fox<|im_end|>\n<|im_start|>assistant\n"
+    full = client.completions.create(model="json-bot", prompt=prompt, temperature=0,
+                                     max_tokens=12)
+    streamed = client.completions.create(model="json-bot", prompt=prompt, temperature=0,
+                                         max_tokens=12, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full.choices[0].text
+    assert full.choices[0].text.startswith(ANSWERS["json-bot"])
+
+
+def test_concurrent_async_requests_to_both_adapters_never_mix(server, tiny_qmodel_dir):
+    client = server.client()
+    names = ["json-bot", "alpha-bot", str(tiny_qmodel_dir)]
+    alone = {n: _ask(client, n).choices[0].message.content for n in names}
+
+    async def many():
+        aclient = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0)
+        order = [names[i % 3] for i in range(12)]
+        results = await asyncio.gather(*(aclient.chat.completions.create(
+            model=n, messages=QUESTION, temperature=0, max_tokens=12) for n in order))
+        return order, [r.choices[0].message.content for r in results]
+
+    order, texts = asyncio.run(many())
+    assert [alone[n] for n in order] == texts
+
+
+def test_stop_strings_and_seeds(server):
+    client = server.client()
+    r = _ask(client, "alpha-bot", stop=["bravo"])
+    assert r.choices[0].message.content == "alpha " and r.choices[0].finish_reason == "stop"
+    a, b, c = (_ask(client, "json-bot", temperature=1.5, top_p=0.95, seed=s).choices[0]
+               .message.content for s in (7, 7, 8))
+    assert a == b
+
+
+def test_api_key_errors_and_limits(server, tiny_qmodel_dir):
+    with pytest.raises(openai.AuthenticationError):
+        _ask(server.client(key="wrong"), "json-bot")
+    status, body = server.raw("GET", "/v1/models", key=None)
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert server.raw("GET", "/health", key=None)[0] == 200
+    with pytest.raises(openai.NotFoundError) as e:
+        _ask(server.client(), "charlie-bot")
+    assert e.value.body["code"] == "model_not_found"
+    status, body = server.raw("POST", "/v1/chat/completions", b'{"model": "json-bot", "mess')
+    assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "not valid JSON" in body["error"]["message"]
+    long = [{"role": "user", "content": "quick brown fox " * 400}]
+    with pytest.raises(openai.BadRequestError) as e:
+        _ask(server.client(), "json-bot", messages=long)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        _ask(server.client(), "json-bot", max_tokens=0)
+    # max_tokens above what fits is clipped to the room the prompt leaves in the 512 context.
+    near = [{"role": "user", "content": "quick brown fox " * 35}]
+    r = _ask(server.client(), str(tiny_qmodel_dir), messages=near, max_tokens=100000)
+    assert r.usage.total_tokens == 512 and r.choices[0].finish_reason == "length"
+
+
+@pytest.fixture
+def small_server(runs, tiny_qmodel_dir):
+    """At most one adapter resident, ranks above 8 refused."""
+    from mlxtune.serve import build_registry
+
+    registry = build_registry(str(tiny_qmodel_dir), [f"{n}={p}" for n, p in runs.items()],
+                              max_loras=1, max_lora_rank=8, say=lambda s: None)
+    srv = Server(registry, api_key=None)
+    yield srv
+    srv.close()
+
+
+def test_lru_eviction_unload_reload_and_rank_refusal(small_server, runs, tmp_path):
+    client = small_server.client(key="none")
+    _ask(client, "json-bot")
+    assert small_server.raw("GET", "/health")[1]["resident_adapters"] == ["json-bot"]
+    assert _ask(client, "alpha-bot").choices[0].message.content.startswith("alpha bravo")
+    assert small_server.raw("GET", "/health")[1]["resident_adapters"] == ["alpha-bot"]
+    adapters = {a["name"]: a for a in small_server.raw("GET", "/v1/adapters")[1]["data"]}
+    assert not adapters["json-bot"]["resident"] and adapters["json-bot"]["in_host_memory"]
+    # Evicted, not forgotten: it comes back on its next request with the same answer.
+    assert _ask(client, "json-bot").choices[0].message.content.startswith(ANSWERS["json-bot"])
+    assert small_server.raw("DELETE", "/v1/adapters/alpha-bot")[0] == 200
+    with pytest.raises(openai.NotFoundError):
+        _ask(client, "alpha-bot")
+    status, _ = small_server.raw("POST", "/v1/load_lora_adapter",
+                                 {"lora_name": "alpha-bot", "lora_path": str(runs["alpha-bot"])})
+    assert status == 200
+    assert _ask(client, "alpha-bot").choices[0].message.content.startswith("alpha bravo")
+    big = tmp_path / "rank16"
+    shutil.copytree(runs["json-bot"], big)
+    cfg = json.loads((big / "adapter_config.json").read_text())
+    cfg["lora_parameters"]["rank"] = 16
+    (big / "adapter_config.json").write_text(json.dumps(cfg))
+    status, body = small_server.raw("POST", "/v1/adapters", {"name": "big", "path": str(big)})
+    assert status == 400 and "rank 16, above --max-lora-rank 8" in body["error"]["message"]
+    status, body = small_server.raw("POST", "/v1/adapters", {"name": "x", "path": str(tmp_path)})
+    assert status == 400 and "not an adapter folder" in body["error"]["message"]
+
+
+def test_taken_port_is_one_line_exit_2(tiny_qmodel_dir):
+    from mlxtune.serve import bind_socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(MlxtuneError, match=f"cannot listen on 127.0.0.1:{port}"):
+            bind_socket("127.0.0.1", port)
+        proc = subprocess.run([sys.executable, "-m", "mlxtune", "serve", "--model",
+                               str(tiny_qmodel_dir), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "pick another --port" in proc.stderr
