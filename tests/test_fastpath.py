@@ -16,11 +16,12 @@ from mlx_lm.utils import load_model
 from mlxtune.fastpath import DequantizedEmbedding, DequantizedLinear, prepare_for_training
 
 
-def _lora_model(model_dir, fast: bool, layers: int = 2):
+def _lora_model(model_dir, fast: bool, layers: int = 2, dora: bool = False):
     model, _ = load_model(model_dir)
     model.freeze()
     mx.random.seed(0)  # same LoRA init in both models
-    linear_to_lora_layers(model, layers, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    linear_to_lora_layers(model, layers, {"rank": 4, "scale": 10.0, "dropout": 0.0},
+                          use_dora=dora)
     if fast:
         prepare_for_training(model, "cpu")
     else:
@@ -79,6 +80,14 @@ def test_losses_and_grads_match_mlx_quantized_path(tiny_qmodel_dir, compiled):
     assert grad.keys() == ref_grad.keys() and any("lora_a" in k for k in grad)
     for key, value in ref_grad.items():
         np.testing.assert_allclose(np.array(grad[key]), np.array(value), rtol=1e-3, atol=1e-5)
+
+
+def test_dora_losses_match(tiny_qmodel_dir):
+    """DoRA reads the base weight through the same QuantizedLinear attributes."""
+    batches = _batches(300, 1) * 2
+    ref_losses, _ = _train(_lora_model(tiny_qmodel_dir, fast=False, dora=True), batches)
+    losses, _ = _train(_lora_model(tiny_qmodel_dir, fast=True, dora=True), batches)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-3)
 
 
 def test_lora_fuse_still_works(tiny_qmodel_dir):

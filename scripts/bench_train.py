@@ -1,0 +1,332 @@
+#!/usr/bin/env python
+"""One QLoRA training job three ways: mlxtune, stock mlx_lm.lora, PEFT on PyTorch CPU.
+
+    .venv/bin/python scripts/bench_train.py            # the three legs, ~5 minutes on 2 cores
+    .venv/bin/python scripts/bench_train.py --7b       # also: peak memory of a 7B-shaped step
+
+Same job for every leg: the built-in 4-bit SmolLM2-135M, the same token batches (4 x 64,
+generated deterministically and tokenized once here), LoRA rank 8 on q_proj and v_proj of the
+last 8 layers, AdamW. Each leg runs in its own process so its peak memory is its own. PEFT needs
+the bench extra: `.venv/bin/pip install -e ".[bench]"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BATCH, SEQ, RANK, LAYERS, KEYS, SCALE, LR = 4, 64, 8, 8, ["q_proj", "v_proj"], 20.0, 1e-5
+_SUBJECTS = ["the sea", "a lighthouse", "bread", "a bicycle", "winter", "prime numbers", "bees",
+             "the moon", "a library", "coffee", "rivers", "chess", "volcanoes", "a violin"]
+_ASKS = ["Write two sentences about {}.", "Explain {} to a child.", "Give three facts about {}.",
+         "What is surprising about {}?", "Describe {} in the style of a weather report."]
+
+
+def make_tokens(n_rows: int, seed: int = 0) -> list[list[int]]:
+    """`n_rows` rows of SEQ + 1 token ids: fixed chat examples, chat-templated and packed."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxtune.models.resolve import resolve_model
+
+    tok = load_tokenizer(resolve_model("smollm2-135m"))
+    rng = random.Random(seed)
+    stream: list[int] = []
+    while len(stream) < n_rows * (SEQ + 1):
+        subject = rng.choice(_SUBJECTS)
+        answer = " ".join(f"{subject.capitalize()} is {rng.choice(['old', 'bright', 'quiet', 'vast'])}"
+                          f" and {rng.choice(['useful', 'strange', 'calm', 'loud'])}."
+                          for _ in range(rng.randint(2, 5)))
+        messages = [{"role": "user", "content": rng.choice(_ASKS).format(subject)},
+                    {"role": "assistant", "content": answer}]
+        stream += tok.apply_chat_template(messages, tokenize=True)
+    return [stream[i * (SEQ + 1):(i + 1) * (SEQ + 1)] for i in range(n_rows)]
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def _time_steps(step, batches, warmup: int) -> dict:
+    """Run `step(batch) -> loss` over batches; time all after `warmup`."""
+    losses, start = [], None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        tick = time.perf_counter()
+        losses.append(step(batch))
+        print(f"  step {i + 1}/{len(batches)}: loss {losses[-1]:.4f}, "
+              f"{time.perf_counter() - tick:.2f} s", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+    timed = len(batches) - warmup
+    return {"losses": losses, "s_per_step": seconds / timed,
+            "tokens_per_s": timed * BATCH * SEQ / seconds}
+
+
+def _mlx_model(fast: bool):
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load
+
+    from mlxtune.models.resolve import resolve_model
+
+    model, _ = load(str(resolve_model("smollm2-135m")))
+    model.freeze()
+    mx.random.seed(0)
+    linear_to_lora_layers(model, LAYERS, {"rank": RANK, "scale": SCALE, "dropout": 0.0,
+                                          "keys": [f"self_attn.{k}" for k in KEYS]})
+    if fast:
+        from mlxtune.fastpath import prepare_for_training
+
+        prepare_for_training(model)
+    return model
+
+
+def leg_mlxtune_standin(rows, warmup: int) -> dict:
+    """mlxtune's leg: mlx-lm's load and LoRA layers + mlxtune's fast path + a compiled step.
+
+    A stand-in for mlxtune's own train step (mlxtune.train.loop) until that calls the fast path.
+    """
+    return _mlx_leg(rows, warmup, fast=True)
+
+
+def leg_mlx_lm(rows, warmup: int) -> dict:
+    """Stock mlx-lm: its load, LoRA layers, default loss and step, no mlxtune code in the math."""
+    return _mlx_leg(rows, warmup, fast=False)
+
+
+def _mlx_leg(rows, warmup: int, fast: bool) -> dict:
+    from functools import partial
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import default_loss
+
+    model = _mlx_model(fast)
+    optimizer = optim.AdamW(learning_rate=LR)
+    state = [model.state, optimizer.state]
+    loss_and_grad = nn.value_and_grad(model, default_loss)
+
+    # The same shape as mlx_lm.tuner.trainer.train's step (no accumulation).
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, lengths):
+        (loss, _), grad = loss_and_grad(model, batch, lengths)
+        optimizer.update(model, grad)
+        return loss
+
+    lengths = mx.array([[0, SEQ]] * BATCH)  # every target token counts
+    batches = [mx.array(rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)]
+    model.train()
+    mx.reset_peak_memory()
+
+    def run(batch):
+        loss = step(batch, lengths)
+        mx.eval(state, loss)
+        return loss.item()
+
+    out = _time_steps(run, batches, warmup)
+    out.update(peak_gb=mx.get_peak_memory() / 2**30, rss_gb=_rss_gb())
+    return out
+
+
+def leg_peft(rows, warmup: int) -> dict:
+    """PEFT on PyTorch CPU: the same GGUF through transformers (de-quantized fp32), LoRA, AdamW."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mlxtune.models.builtin import builtin_gguf
+
+    gguf = builtin_gguf("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 torch_dtype=torch.float32)
+    n = model.config.num_hidden_layers
+    config = LoraConfig(r=RANK, lora_alpha=SCALE * RANK, lora_dropout=0.0, target_modules=KEYS,
+                        layers_to_transform=list(range(n - LAYERS, n)))
+    model = get_peft_model(model, config)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    batches = [torch.tensor(rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)]
+
+    def run(batch):
+        # labels = inputs: transformers shifts them, so the same SEQ targets per row count.
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    out = _time_steps(run, batches, warmup)
+    out.update(peak_gb=None, rss_gb=_rss_gb(), threads=torch.get_num_threads())
+    return out
+
+
+LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+             "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
+             "rms_norm_eps": 1e-5, "vocab_size": 32000, "rope_theta": 10000.0,
+             "max_position_embeddings": 4096, "tie_word_embeddings": False}
+
+
+def random_quantized_llama(config: dict, group_size: int = 32, bits: int = 4):
+    """A llama from `config` with random packed weights, never materializing fp32 weights."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+
+    # MLX is lazy: the fp32 init and its quantization are graphs that are dropped, never run.
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    nn.quantize(model, group_size, bits)
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            rows, cols = m.weight.shape
+            m.weight = mx.random.randint(-2**31, 2**31 - 1, (rows, cols)).view(mx.uint32)
+            in_dims = cols * 32 // bits
+            # Uniform values around 0 with a spread like 1/sqrt(hidden): logits stay finite.
+            m.scales = mx.full((rows, in_dims // group_size), 0.3 / in_dims ** 0.5 / 2 ** bits,
+                               dtype=mx.float16)
+            m.biases = -(2 ** (bits - 1)) * m.scales
+    model.set_dtype(mx.float16, lambda d: d == mx.float32)  # norms stored fp16 as a 4-bit model's
+    mx.eval(model.parameters())
+    return model
+
+
+def leg_7b(batch: int = 1, seq: int = 512) -> dict:
+    """Peak memory and time of one QLoRA step of a 7B-shaped llama with random 4-bit weights."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlxtune.fastpath import prepare_for_training
+
+    model = random_quantized_llama(LLAMA2_7B)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    model.freeze()
+    linear_to_lora_layers(model, LAYERS, {"rank": RANK, "scale": SCALE, "dropout": 0.0,
+                                          "keys": [f"self_attn.{k}" for k in KEYS]})
+    prepare_for_training(model)
+    optimizer = optim.AdamW(learning_rate=LR)
+    loss_and_grad = nn.value_and_grad(model, default_loss)
+    tokens = mx.random.randint(0, LLAMA2_7B["vocab_size"], (batch, seq + 1))
+    lengths = mx.array([[0, seq]] * batch)
+    mx.eval(tokens, lengths, model.parameters())
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    (loss, _), grad = loss_and_grad(model, tokens, lengths)
+    optimizer.update(model, grad)
+    mx.eval(loss, model.parameters(), optimizer.state)
+    return {"seconds": time.perf_counter() - start, "peak_gb": mx.get_peak_memory() / 2**30,
+            "rss_gb": _rss_gb(), "weights_gb": weights / 2**30, "loss": loss.item(),
+            "lora_layers": LAYERS, "seq": seq}
+
+
+LEGS = {"mlxtune": leg_mlxtune_standin, "mlx_lm": leg_mlx_lm,
+        "mlx_lm+openblas": leg_mlx_lm, "peft": leg_peft}
+
+
+def _leg_env(name: str) -> dict:
+    """The environment a user of that tool gets: mlxtune's fast BLAS, or stock MLX's own."""
+    from mlxtune.blas import MARKER_VAR, blas_env
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", MARKER_VAR)}
+    if name in ("mlxtune", "mlx_lm+openblas", "7b"):
+        env.update(blas_env(env))
+    return env
+
+
+def _run_leg(name: str, data: Path, warmup: int) -> dict | None:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, __file__, "--leg", name, "--data", str(data),
+               "--warmup", str(warmup), "--result", out.name]
+        print(f"bench: running {name} ...", flush=True)
+        proc = subprocess.run(cmd, env=_leg_env(name))
+        if proc.returncode != 0:
+            print(f"bench: {name} failed (exit {proc.returncode})", flush=True)
+            return None
+        return json.loads(Path(out.name).read_text())
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> int:
+    """Run the legs, each in a subprocess, and print the table and ratios."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=8, help="timed steps (fast legs)")
+    # A stock step takes minutes here (fp16 quantized matmuls, reference BLAS), so one step,
+    # timed with its compile: a few seconds' error on minutes.
+    p.add_argument("--stock-steps", type=int, default=1, help="timed steps of stock mlx_lm")
+    p.add_argument("--stock-warmup", type=int, default=0, help="untimed steps of stock mlx_lm")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps (fast legs)")
+    p.add_argument("--legs", default="mlxtune,mlx_lm,peft",
+                   help="comma list of mlxtune, mlx_lm, mlx_lm+openblas, peft")
+    p.add_argument("--7b", dest="seven_b", action="store_true",
+                   help="also one QLoRA step of a 7B-shaped llama at batch 1 x 512 (minutes)")
+    p.add_argument("--leg", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.leg:  # inside one leg's process
+        if args.leg == "7b":
+            result = leg_7b()
+        else:
+            rows = json.loads(Path(args.data).read_text())
+            result = LEGS[args.leg](rows, args.warmup)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    legs = [leg for leg in args.legs.split(",") if leg]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in legs:
+            stock = name.startswith("mlx_lm")
+            warmup = args.stock_warmup if stock else args.warmup
+            steps = args.stock_steps if stock else args.steps
+            data = Path(tmp) / f"{name}.json"
+            data.write_text(json.dumps(make_tokens((warmup + steps) * BATCH)))
+            results[name] = _run_leg(name, data, warmup)
+        if args.seven_b:
+            results["7b"] = _run_leg("7b", Path(tmp) / "none", 0)
+
+    print(f"\nQLoRA, built-in SmolLM2-135M 4-bit, batch {BATCH} x {SEQ}, rank {RANK}, "
+          f"{'+'.join(KEYS)} of the last {LAYERS} layers, AdamW; {os.cpu_count()} cores")
+    print(f"{'leg':>16} {'tokens/s':>9} {'s/step':>8} {'peak GB':>8} {'max RSS GB':>10}  first losses")
+    for name in legs:
+        r = results[name]
+        if r is None:
+            print(f"{name:>16}  failed")
+            continue
+        losses = " ".join(f"{x:.4f}" for x in r["losses"][:3])
+        print(f"{name:>16} {r['tokens_per_s']:9.1f} {r['s_per_step']:8.2f} "
+              f"{_fmt(r['peak_gb'], '8.2f'):>8} {r['rss_gb']:10.2f}  {losses}")
+    fast = results.get("mlxtune")
+    for other in ("mlx_lm", "mlx_lm+openblas", "peft"):
+        if fast and results.get(other):
+            o = results[other]
+            print(f"mlxtune / {other}: {fast['tokens_per_s'] / o['tokens_per_s']:.2f}x tokens/s, "
+                  f"{fast['rss_gb'] / o['rss_gb']:.2f}x max RSS")
+    if args.seven_b and results.get("7b"):
+        r = results["7b"]
+        print(f"\n7B-shaped llama, random 4-bit weights ({r['weights_gb']:.2f} GB), LoRA on "
+              f"{r['lora_layers']} layers, batch 1 x {r['seq']}: one step {r['seconds']:.0f} s, "
+              f"peak {r['peak_gb']:.2f} GB (MLX), max RSS {r['rss_gb']:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
