@@ -315,3 +315,53 @@ def test_report_renders_in_headless_chromium(server_eval, tmp_path):
     for label in ("default_model", str(summary.models["compare"]["label"])):
         assert f"<th>{label}</th>" in dom
     assert '<span class="hl-ins">{"ok": true}</span>' in dom.replace("&quot;", '"')
+
+
+@pytest.fixture(scope="module")
+def mlxtune_server(tuned):
+    """`mlxtune serve` on a free loopback port: the base under its path, the adapter as "tuned",
+    behind an API key."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlxtune", "serve", "--model",
+                             str(tuned["model"]), "--adapter", f"tuned={tuned['adapter']}",
+                             "--host", "127.0.0.1", "--port", str(port), "--api-key", "sekret"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlxtune serve exited: {proc.stderr.read()[-2000:]}")
+            try:
+                request = urllib.request.Request(url + "/models",
+                                                 headers={"Authorization": "Bearer sekret"})
+                with urllib.request.urlopen(request, timeout=5):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_mlxtune_serve_tuned_beats_base(mlxtune_server, tuned, tmp_path):
+    from mlxtune.evaluate.run import run_eval
+
+    summary = run_eval(tuned["data"], tmp_path / "out", "tuned", url=mlxtune_server,
+                       compare=str(tuned["model"]), api_key="sekret", max_tokens=16,
+                       concurrency=4)
+    tuned_m, base_m = summary.models["model"], summary.models["compare"]
+    assert tuned_m["answered"] == base_m["answered"] == 8 and tuned_m["errors"] == 0
+    assert tuned_m["metrics"]["exact"] == 1.0 > base_m["metrics"]["exact"]
+    assert summary.comparison["exact"]["low"] > 0
+    assert all(r["completion_tokens"] > 0 for r in _rows(tmp_path / "out"))
+    with pytest.raises(MlxtuneError, match=r"model 'nope' is not served at .*it serves: .*tuned"):
+        run_eval(tuned["data"], tmp_path / "other", "nope", url=mlxtune_server, api_key="sekret")
+    with pytest.raises(MlxtuneError, match=r"refused the API key \(HTTP 401\)"):
+        run_eval(tuned["data"], tmp_path / "other", "tuned", url=mlxtune_server, api_key="wrong")

@@ -53,6 +53,9 @@ class ServerBackend:
         except openai.APIConnectionError as e:
             raise MlxtuneError(f"cannot reach a server at {self.url} ({_reason(e)}); start one "
                                "(mlxtune serve MODEL) or fix --url") from None
+        except openai.AuthenticationError as e:
+            raise MlxtuneError(f"{self.url} refused the API key (HTTP {e.status_code}); pass "
+                               "--api-key or set OPENAI_API_KEY") from None
         except openai.APIStatusError as e:
             raise MlxtuneError(f"{self.url}/models answered HTTP {e.status_code}: is "
                                f"{self.url} an OpenAI-compatible API base URL (usually ending "
