@@ -72,7 +72,7 @@ def _time_steps(step, batches, warmup: int) -> dict:
             "tokens_per_s": timed * BATCH * SEQ / seconds}
 
 
-def _mlx_model(fast: bool):
+def _mlx_model():
     import mlx.core as mx
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
@@ -84,27 +84,53 @@ def _mlx_model(fast: bool):
     mx.random.seed(0)
     linear_to_lora_layers(model, LAYERS, {"rank": RANK, "scale": SCALE, "dropout": 0.0,
                                           "keys": [f"self_attn.{k}" for k in KEYS]})
-    if fast:
-        from mlxtune.fastpath import prepare_for_training
-
-        prepare_for_training(model)
     return model
 
 
-def leg_mlxtune_standin(rows, warmup: int) -> dict:
-    """mlxtune's leg: mlx-lm's load and LoRA layers + mlxtune's fast path + a compiled step.
+def leg_mlxtune(rows, warmup: int) -> dict:
+    """mlxtune's own code path: load_for_training (the CPU fast path), apply_lora, and the
+    compiled step of mlxtune.train.loop.train, on the same batches, rank, keys and optimizer."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
 
-    A stand-in for mlxtune's own train step (mlxtune.train.loop) until that calls the fast path.
-    """
-    return _mlx_leg(rows, warmup, fast=True)
+    from mlxtune.models.resolve import resolve_model
+    from mlxtune.train.config import load_train_config
+    from mlxtune.train.lora import apply_lora
+    from mlxtune.train.loop import train
+    from mlxtune.train.session import load_for_training
+
+    config = load_train_config(None, [
+        f"num_layers={LAYERS}", f"lora_parameters.rank={RANK}", f"lora_parameters.scale={SCALE}",
+        f"lora_parameters.keys=[{','.join(KEYS)}]", "optimizer=adamw", f"learning_rate={LR}"])
+    model, _ = load_for_training(resolve_model("smollm2-135m"), config)
+    apply_lora(model, config)
+    optimizer = optim.AdamW(learning_rate=LR)
+    batches = [mx.array(rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)]
+    # The stock leg's loss counts every target token: the same with an all-ones mask.
+    stream = ((i, b[:, :-1], b[:, 1:], mx.ones(b[:, 1:].shape)) for i, b in enumerate(batches))
+    losses, ticks = [], [time.perf_counter()]
+
+    def on_step(step, loss, ntoks):
+        losses.append(loss)
+        ticks.append(time.perf_counter())
+        print(f"  step {step}/{len(batches)}: loss {loss:.4f}, {ticks[-1] - ticks[-2]:.2f} s",
+              file=sys.stderr, flush=True)
+
+    mx.reset_peak_memory()
+    train(model, optimizer, stream, len(batches), on_step=on_step)
+    seconds = ticks[-1] - ticks[warmup]
+    timed = len(batches) - warmup
+    return {"losses": losses, "s_per_step": seconds / timed,
+            "tokens_per_s": timed * BATCH * SEQ / seconds,
+            "peak_gb": mx.get_peak_memory() / 2**30, "rss_gb": _rss_gb()}
 
 
 def leg_mlx_lm(rows, warmup: int) -> dict:
     """Stock mlx-lm: its load, LoRA layers, default loss and step, no mlxtune code in the math."""
-    return _mlx_leg(rows, warmup, fast=False)
+    return _mlx_leg(rows, warmup)
 
 
-def _mlx_leg(rows, warmup: int, fast: bool) -> dict:
+def _mlx_leg(rows, warmup: int) -> dict:
     from functools import partial
 
     import mlx.core as mx
@@ -112,7 +138,7 @@ def _mlx_leg(rows, warmup: int, fast: bool) -> dict:
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import default_loss
 
-    model = _mlx_model(fast)
+    model = _mlx_model()
     optimizer = optim.AdamW(learning_rate=LR)
     state = [model.state, optimizer.state]
     loss_and_grad = nn.value_and_grad(model, default_loss)
@@ -232,7 +258,7 @@ def leg_7b(batch: int = 1, seq: int = 512) -> dict:
             "lora_layers": LAYERS, "seq": seq}
 
 
-LEGS = {"mlxtune": leg_mlxtune_standin, "mlx_lm": leg_mlx_lm,
+LEGS = {"mlxtune": leg_mlxtune, "mlx_lm": leg_mlx_lm,
         "mlx_lm+openblas": leg_mlx_lm, "peft": leg_peft}
 
 
