@@ -88,8 +88,8 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None,
         if not isinstance(name, str) or not isinstance(path, str):
             raise APIError(400, "send {\"name\": NAME, \"path\": ADAPTER_FOLDER}", param="name")
         try:
-            # Loading reads files and evaluates arrays: keep it off the event loop.
-            await asyncio.to_thread(registry.add, name, path)
+            # Loading evaluates MLX arrays: do it on the model's own thread, between steps.
+            await asyncio.wrap_future(generator.call(registry.add, name, path))
         except AdapterError as e:
             raise APIError(400, str(e), param="path") from None
         return {"object": "adapter", "name": name, "path": path, "status": "loaded"}
@@ -149,8 +149,11 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None,
         generator.submit(job)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        usage = lambda n: {"prompt_tokens": len(prompt), "completion_tokens": n,  # noqa: E731
-                           "total_tokens": len(prompt) + n}
+
+        def usage(n: int) -> dict:
+            return {"prompt_tokens": len(prompt), "completion_tokens": n,
+                    "total_tokens": len(prompt) + n}
+
         obj = "chat.completion" if chat else "text_completion"
 
         def choice(text, finish, delta=False):

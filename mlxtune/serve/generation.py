@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -56,6 +57,13 @@ class Generator:
         self.inbox.put(job)
         return job
 
+    def call(self, fn, *args) -> Future:
+        """Run `fn(*args)` on the worker thread between steps (MLX work from other threads could
+        race with generation); the future holds its result."""
+        future = Future()
+        self.inbox.put((future, fn, args))
+        return future
+
     def stop(self) -> None:
         """Finish the current step and end the worker."""
         self.stopping = True
@@ -68,7 +76,13 @@ class Generator:
         try:
             job = self.inbox.get(timeout=0.1) if block else self.inbox.get_nowait()
             while True:
-                if job is not None:
+                if isinstance(job, tuple):
+                    future, fn, args = job
+                    try:
+                        future.set_result(fn(*args))
+                    except Exception as e:  # handed to the caller, who reports it
+                        future.set_exception(e)
+                elif job is not None:
                     self.waiting.append(job)
                 job = self.inbox.get_nowait()
         except queue.Empty:
