@@ -48,9 +48,13 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_siz
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
-    n = max(1, -(-rows * cols // CHUNK_ELEMENTS))
-    step = -(-rows // n)
+def row_chunks(rows: int, cols: int, tokens: int) -> list[tuple[int, int]]:
+    """The row ranges a rows x cols weight is de-quantized in, for `tokens` input rows."""
+    # Chunking costs a copy of the output (the chunks are concatenated): worth it only when the
+    # fp32 weight it saves is bigger (7B's lm_head, not SmolLM2's 49152 x 576 tied head).
+    if rows * cols - CHUNK_ELEMENTS <= tokens * rows:
+        return [(0, rows)]
+    step = -(-rows // -(-rows * cols // CHUNK_ELEMENTS))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
@@ -68,13 +72,13 @@ def _matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool):
         return dequantize(parts[0], parts[1], parts[2] if has_biases else None, group_size, bits,
                           mode, dtype)
 
-    def chunks(w, scales):
-        return _row_chunks(w.shape[0], scales.shape[-1] * group_size)
+    def chunks(w, scales, x):
+        return row_chunks(w.shape[0], scales.shape[-1] * group_size, x.size // x.shape[-1])
 
     @mx.custom_function
     def matmul(x, w, scales, biases):
         outs, after = [], x
-        for rows in chunks(w, scales):
+        for rows in chunks(w, scales, x):
             after = x @ weight(w, scales, biases, rows, x.dtype, after).T
             outs.append(after)
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
@@ -84,7 +88,7 @@ def _matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool):
         x, w, scales, biases = primals
         # Base weights are frozen: only the input gets a real gradient; the zeros stay lazy.
         dx = None
-        for a, b in chunks(w, scales):
+        for a, b in chunks(w, scales, cotangent):
             chunk = weight(w, scales, biases, (a, b), cotangent.dtype,
                            cotangent if dx is None else dx)
             part = cotangent[..., a:b] @ chunk
