@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxtune.fastpath import row_chunks
 from mlxtune.models.folder import read_config, safetensors_shapes
 from mlxtune.train.config import TrainConfig
 
@@ -138,9 +139,18 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
     # Checkpointing keeps each block's input; the block being recomputed holds its activations
     # plus the gradients flowing through it (~half as much again, measured).
     ckpt_acts = n * b * t * h * act + block * 3 // 2
-    # The largest de-quantized weight, briefly in fp32, twice (forward and backward).
-    scratch = 2 * max((_in_out(shape, dtype, config, name) for name, (shape, dtype)
-                       in shapes.items() if len(shape) == 2), default=0) * 4
+    # The largest de-quantized weight, briefly in fp32, twice (forward and backward). The CPU
+    # fast path de-quantizes big weights in row chunks and then concatenates the outputs.
+    scratch = 0
+    for name, (shape, dtype) in shapes.items():
+        if len(shape) != 2:
+            continue
+        rows, cols = shape[0], _in_out(shape, dtype, config, name) // shape[0]
+        chunks = row_chunks(rows, cols, b * t) if backend == "cpu" else [(0, rows)]
+        size = 2 * (chunks[0][1] - chunks[0][0]) * cols * 4
+        if len(chunks) > 1:
+            size += b * t * rows * act
+        scratch = max(scratch, size)
     logits = 3 * b * t * vocab * 4
     acts = ckpt_acts if train.grad_checkpoint else full_acts
     other = full_acts if train.grad_checkpoint else ckpt_acts
