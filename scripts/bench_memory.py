@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_memory.py                      # built-in model, seq 512 and 2048
     .venv/bin/python scripts/bench_memory.py --7b --seqs 512,2048 # adds a 7B-shaped 4-bit llama
+    .venv/bin/python scripts/bench_memory.py --7b --seqs 2048 --checkpoint-only --7b-only
 
 Each case runs in its own process so MLX's peak counter (mx.get_peak_memory) starts from zero.
 The 7B-shaped llama is built from Llama-2-7B's config with random 4-bit weights (no download);
@@ -89,6 +90,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqs", default="512,2048")
     parser.add_argument("--7b", dest="big", action="store_true", help="also the 7B-shaped llama")
+    parser.add_argument("--7b-only", dest="only_big", action="store_true",
+                        help="only the 7B-shaped llama (implies --7b)")
+    parser.add_argument("--checkpoint-only", action="store_true",
+                        help="only the cases with gradient checkpointing")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: model seq ckpt
     args = parser.parse_args()
@@ -97,15 +102,15 @@ def main() -> None:
         return
     from mlxtune.models.resolve import resolve_model
 
-    models = [("smollm2-135m", str(resolve_model("smollm2-135m")))]
+    models = [] if args.only_big else [("smollm2-135m", str(resolve_model("smollm2-135m")))]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.big:
+        if args.big or args.only_big:
             models.append(("llama-7b-shaped 4-bit", str(make_7b(Path(tmp) / "llama7b"))))
         print(f"{'model':<24} {'seq':>5} {'checkpoint':>10} {'planned GB':>11} "
               f"{'measured GB':>12} {'plan/measured':>14}", flush=True)
         for name, folder in models:
             for seq in map(int, args.seqs.split(",")):
-                for ckpt in (False, True):
+                for ckpt in (True,) if args.checkpoint_only else (False, True):
                     out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch),
                                           "--one", folder, str(seq), str(int(ckpt))],
                                          capture_output=True, text=True)
