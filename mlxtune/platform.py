@@ -125,10 +125,14 @@ def system_report() -> dict:
         if gflops < 30 and report["fast_blas"]["fast_blas"] != "on":
             advice.append(f"MLX's CPU matmul runs at {gflops:.0f} GFLOP/s with the fast BLAS "
                           "turned off (MLXTUNE_FAST_BLAS=0): unset it to load OpenBLAS")
-        elif gflops < 30:
+        elif gflops < 30 and not report["fast_blas"]["preloaded"]:
             advice.append(f"MLX's CPU matmul runs at {gflops:.0f} GFLOP/s, the speed of the "
                           "reference BLAS: run ./scripts/setup.sh (it installs OpenBLAS) and use "
                           "the mlxtune command, which loads it for MLX")
+        elif gflops < 30:
+            # OpenBLAS is loaded yet slow: the cores are busy with something else.
+            advice.append(f"MLX's CPU matmul runs at {gflops:.0f} GFLOP/s with OpenBLAS loaded: "
+                          "other programs are using the CPU (check the load with `uptime`)")
     if report["available_gb"] and report["available_gb"] < 4:
         advice.append(f"only {report['available_gb']} GB of memory is free: close other programs "
                       "or use a smaller model, batch or sequence length")
