@@ -32,7 +32,10 @@ def test_demo_script_runs_every_step_and_leaves_loadable_artifacts(tmp_path):
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "report:" in proc.stdout and "demo: server stopped" in proc.stdout
-    with socket.socket() as s:  # the server is gone: its port is free again
+    with socket.socket() as s:  # the server is gone: nothing listens on its port any more
+        # SO_REUSEADDR: the closed server's connections may linger in TIME_WAIT; a listener would
+        # still make bind fail.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
 
     for split in ("train", "valid", "test"):
