@@ -14,21 +14,13 @@ import pytest
 from mlxtune.errors import MlxtuneError
 from mlxtune.train.data import tokenize_chat
 from mlxtune.train.run import run_training
+from tests.adapters import write_data
 
 ANSWER = '{"ok": true}'
 
 
 def _write_data(folder: Path, n_train=32, n_valid=8):
-    folder.mkdir(parents=True, exist_ok=True)
-    words = ["alpha", "bravo", "fox", "dog", "capital", "France", "quick", "lazy"]
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_valid)):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                q = " ".join(rng.choice(words, 4))
-                f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                                 {"role": "assistant", "content": ANSWER}]}) + "\n")
-    return folder
+    return write_data(folder, ANSWER, n_train, n_valid)
 
 
 def _config(tmp_path, model_dir, **extra):
