@@ -2,7 +2,7 @@
 # The whole workflow on the built-in model and the shipped data, end to end:
 #   setup -> prepare -> train -> fuse -> serve (background) -> eval base vs tuned -> stop server.
 # Fails loudly at the first failing step and always stops the server it started.
-# Outputs go to demo/ (data, run, fused model, eval report). About 10 minutes on 2 Linux cores.
+# Outputs go to demo/ (data, run, fused model, eval report). Minutes on a Mac; longer on 2 Linux cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
