@@ -111,7 +111,7 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
     # On the CPU everything computes in fp32 (fp16 matmuls there skip BLAS).
     act = 4 if backend == "cpu" else 2
     weights = 0
-    for name, (shape, dtype) in shapes.items():
+    for shape, dtype in shapes.values():
         size = _BYTES.get(dtype, 4)
         for d in shape:
             size *= d
