@@ -53,39 +53,6 @@ def build_optimizer(config: TrainConfig, total_steps: int):
         raise MlxtuneError(f"optimizer_config.{config.optimizer}: {e}") from None
 
 
-class _Progress:
-    """A live bar on a terminal; plain report lines otherwise (CI, logs, pipes)."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        # Only rank 0 of a distributed run shows anything.
-        self.total, self.quiet = total, not enabled
-        self.live = enabled and sys.stderr.isatty()
-        self.bar = None
-        if self.live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, step: int, info: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-
-    def say(self, line: str) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.console.print(line)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def run_training(config_path: str | Path | None, overrides: list[str] = (), resume: bool = False,
                  dry_run: bool = False, say=print) -> TrainResult:
     """Train as `config_path` (plus overrides) says; with `dry_run`, check and plan only."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,39 @@ def load_for_training(model_dir: Path, config: TrainConfig):
     # The one place the compute path is chosen: on the CPU, de-quantize per layer and use fp32.
     prepare_for_training(model)
     return model, tokenizer
+
+
+class _Progress:
+    """A live bar on a terminal; plain report lines otherwise (CI, logs, pipes)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        # Only rank 0 of a distributed run shows anything.
+        self.total, self.quiet = total, not enabled
+        self.live = enabled and sys.stderr.isatty()
+        self.bar = None
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+
+    def say(self, line: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.console.print(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 class TrainingSession:
@@ -99,18 +133,16 @@ class TrainingSession:
         self.say(f"training {trainable_count(model) / 1e6:.3f}M parameters "
                  f"({cfg.fine_tune_type}) on {len(train_set)} examples for {total} steps; "
                  f"run folder {self.run_dir}")
-        if start == 0:
-            self._eval(0)
-        self.window = {"tokens": 0, "loss": 0.0, "time": time.perf_counter(), "steps": 0}
         batches = iterate_batches(train_set, cfg.batch_size, cfg.seed,
                                   start * cfg.grad_accumulation_steps, self.world.rank(),
                                   self.world.size())
-        from mlxtune.train.run import _Progress
-
         self.progress = _Progress(total, start, self.main)
         self.total = total
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
+            if start == 0:
+                self._eval(0)
+            self.window = {"tokens": 0, "loss": 0.0, "time": time.perf_counter(), "steps": 0}
             done = train(model, optimizer, batches, total, accumulation=cfg.grad_accumulation_steps,
                          start_step=start, seed=cfg.seed, on_step=self._on_step)
         finally:
@@ -165,7 +197,7 @@ class TrainingSession:
         val = evaluate(self.model, eval_batches(mine, cfg.batch_size, cfg.val_batches))
         self.model.train()
         self.last_val = val
-        self.progress_say(f"step {step}: val loss {val:.4f}")
+        self.progress.say(f"step {step}: val loss {val:.4f}")
         if self.main:
             self.metrics.add(step=step, val_loss=val)
             self.metrics.plot()
@@ -183,9 +215,6 @@ class TrainingSession:
                 self.stop_reason = f"early stopping: no improvement in {self.bad_evals} evals"
                 return True
         return False
-
-    def progress_say(self, line: str) -> None:
-        (self.progress.say if hasattr(self, "progress") else self.say)(line)
 
     def _save(self, step: int) -> None:
         if not self.main:
