@@ -1,109 +1,39 @@
 """The one place that picks how a model computes on this backend.
 
 On Metal and CUDA, MLX's quantized kernels are the fast path and nothing changes. On the CPU
-backend, MLX's `quantized_matmul` is ~15x slower than de-quantizing the weight and calling the
-BLAS matmul, and fp16/bf16 matmuls skip BLAS, so there quantized layers keep their packed 4/8-bit
-weights and de-quantize to fp32 per layer inside a custom VJP that de-quantizes again in the
-backward pass: the fp32 copy of a weight lives only while its layer computes, instead of every
-layer's fp32 copy waiting for the backward pass (13.5 GB instead of ~4 for a 7B-shaped model).
+backend (the math is in cpu_math.py):
+- MLX's `quantized_matmul` is ~15x slower than de-quantizing the weight and calling the BLAS
+  matmul, and fp16/bf16 matmuls skip BLAS, so quantized layers keep their packed 4/8-bit weights
+  and de-quantize to fp32 per layer inside a custom VJP that de-quantizes again in the backward
+  pass: the fp32 copy of a weight lives only while its layer computes, instead of every layer's
+  fp32 copy waiting for the backward pass (13.5 GB instead of ~4 for a 7B-shaped model);
+- MLX's exp is scalar, so the SwiGLU MLPs and the attention softmax of the architectures in
+  STANDARD use a vectorized one, and training computes the output projection and cross-entropy
+  in one pass (`token_losses`).
 """
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-COMPUTE_DTYPE = mx.float32
+from mlxtune.cpu_math import (COMPUTE_DTYPE, attention, dequantize, dequantized_matmul,
+                              linear_cross_entropy, swiglu)
+
+# mlx-lm architectures whose Model.__call__ is `head(self.model(inputs))` (head: `lm_head`, or the
+# embedding when tied), whose MLP class computes `down_proj(swiglu(gate_proj(x), up_proj(x)))`
+# and whose attention calls the module's `scaled_dot_product_attention` (tests/test_fastpath.py
+# checks each against stock mlx-lm). Mistral and SmolLM2 load as llama.
+STANDARD = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 
 
 def use_dequantized_matmul(backend: str) -> bool:
     """Whether quantized layers should de-quantize per layer (the CPU backend) or not."""
     return backend == "cpu"
-
-
-def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
-               bits: int, mode: str = "affine", dtype=COMPUTE_DTYPE) -> mx.array:
-    """De-quantize packed weights (rows x packed columns) to `dtype`, computing in `dtype`."""
-    # mx.dequantize computes in the scales' dtype: fp16 scales lose ~3e-3 even when asked for fp32.
-    scales = scales.astype(dtype)
-    biases = biases.astype(dtype) if biases is not None else None
-    if mode != "affine" or bits not in (4, 8) or biases is None:
-        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
-    # For 4/8-bit affine these plain ops give the same numbers ~2x faster on CPU than
-    # mx.dequantize (measured on the 49152 x 576 8-bit tied embedding: 142 vs 306 ms).
-    # One broadcast expression, packed bytes -> (rows, groups, bytes per group, nibbles): no
-    # stacked copy, so de-quantizing allocates little more than the fp32 result.
-    u = w.view(mx.uint8).reshape(w.shape[0], -1, group_size * bits // 8, 1)
-    if bits == 4:
-        u = (u >> mx.array([0, 4], mx.uint8)) & mx.array(15, mx.uint8)
-    q = u.astype(dtype) * scales[..., None, None] + biases[..., None, None]
-    return q.reshape(w.shape[0], -1)
-
-
-# At most this many weight elements are de-quantized at once (64 MB in fp32): bigger weights
-# (the MLP's, the 32000-row lm_head at 0.5 GB) compute in row chunks, one fp32 chunk alive at a time.
-CHUNK_ELEMENTS = 1 << 24
-
-
-def row_chunks(rows: int, cols: int, tokens: int) -> list[tuple[int, int]]:
-    """The row ranges a rows x cols weight is de-quantized in, for `tokens` input rows."""
-    # Chunking costs a copy of the output (the chunks are concatenated): worth it only when the
-    # fp32 weight it saves is bigger (7B's lm_head, not SmolLM2's 49152 x 576 tied head).
-    if rows * cols - CHUNK_ELEMENTS <= tokens * rows:
-        return [(0, rows)]
-    step = -(-rows // -(-rows * cols // CHUNK_ELEMENTS))
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
-
-
-@lru_cache(maxsize=None)
-def _matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool):
-    """`x @ dequantize(w).T` whose gradient w.r.t. x de-quantizes again instead of keeping w."""
-
-    def weight(w, scales, biases, rows, dtype, after):
-        # Rows a:b de-quantized only once `after` (the layer's input, or the previous chunk's
-        # result) exists. Without it MLX's scheduler may de-quantize chunks and layers ahead of
-        # their matmuls, and mx.compile merges the backward's de-quantization with the forward's
-        # identical one, keeping every fp32 weight alive until the backward pass.
-        a, b = rows
-        parts = mx.depends([w[a:b], scales[a:b]] + ([biases[a:b]] if has_biases else []), after)
-        return dequantize(parts[0], parts[1], parts[2] if has_biases else None, group_size, bits,
-                          mode, dtype)
-
-    def chunks(w, scales, x):
-        return row_chunks(w.shape[0], scales.shape[-1] * group_size, x.size // x.shape[-1])
-
-    @mx.custom_function
-    def matmul(x, w, scales, biases):
-        outs, after = [], x
-        for rows in chunks(w, scales, x):
-            after = x @ weight(w, scales, biases, rows, x.dtype, after).T
-            outs.append(after)
-        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
-
-    @matmul.vjp
-    def matmul_vjp(primals, cotangent, output):
-        x, w, scales, biases = primals
-        # Base weights are frozen: only the input gets a real gradient; the zeros stay lazy.
-        dx = None
-        for a, b in chunks(w, scales, cotangent):
-            chunk = weight(w, scales, biases, (a, b), cotangent.dtype,
-                           cotangent if dx is None else dx)
-            part = cotangent[..., a:b] @ chunk
-            dx = part if dx is None else dx + part
-        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
-
-    return matmul
-
-
-def dequantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
-    """`x @ W.T` for a quantized layer's W, computed in x's dtype and de-quantized per call."""
-    biases = layer.get("biases")
-    fn = _matmul_fn(layer.group_size, layer.bits, layer.mode, biases is not None)
-    # custom_function takes arrays only: stand in a scalar for a missing biases array.
-    return fn(x, layer["weight"], layer["scales"], biases if biases is not None else mx.array(0))
 
 
 class DequantizedLinear(nn.QuantizedLinear):
@@ -185,8 +115,78 @@ def cast_floats(model: nn.Module, dtype=COMPUTE_DTYPE) -> None:
         model.update(tree_unflatten(updates))
 
 
+@lru_cache(maxsize=None)
+def _fast_mlp_class(cls: type) -> type:
+    def __call__(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": __name__,
+                                       "__doc__": f"{cls.__module__}.MLP with the fast SwiGLU."})
+
+
+def use_fast_mlps(model: nn.Module) -> int:
+    """Swap the MLPs of a STANDARD architecture for twins with the vectorized SwiGLU; returns how
+    many were swapped."""
+    module = sys.modules.get(type(model).__module__)
+    mlp = getattr(module, "MLP", None) if type(model).__module__ in STANDARD else None
+    swaps = [(path, _rebase(_fast_mlp_class(mlp), m)) for path, m in model.named_modules()
+             if mlp is not None and type(m) is mlp]
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
+
+
+def _cpu_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
+    """mlx-lm's scaled_dot_product_attention, with the fast-exp attention for the cases it covers
+    (fp32, no quantized cache, no sinks, a causal or 2-D mask) and mlx-lm's own otherwise."""
+    from mlx_lm.models.base import scaled_dot_product_attention as stock
+
+    if (hasattr(cache, "bits") or sinks is not None or queries.dtype != mx.float32
+            or not (mask is None or isinstance(mask, str) or mask.ndim <= 2)):
+        return stock(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    return attention(queries, keys, values, scale, mask)
+
+
+def use_fast_attention(model: nn.Module) -> bool:
+    """Point a STANDARD architecture's module at the fast-exp attention. This is per module, not
+    per model (mlx-lm's attention looks the function up there); only the CPU path calls it, and
+    the results equal mlx-lm's to float rounding (tests/test_fastpath.py)."""
+    name = type(model).__module__
+    if name not in STANDARD:
+        return False
+    sys.modules[name].scaled_dot_product_attention = _cpu_sdpa
+    return True
+
+
+def _fused_head(model: nn.Module) -> nn.Module | None:
+    """The frozen de-quantizing output head of a STANDARD model, or None (then logits are used)."""
+    if type(model).__module__ not in STANDARD:
+        return None
+    args = getattr(model, "args", None)
+    head = (model.model.embed_tokens if getattr(args, "tie_word_embeddings", False)
+            else getattr(model, "lm_head", None))
+    # Exact types: a LoRA-wrapped or trainable head needs its own gradient, so it takes logits.
+    if type(head) in (DequantizedLinear, DequantizedEmbedding) and "bias" not in head:
+        return head
+    return None
+
+
+def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
+    """Each position's cross-entropy of the next-token prediction against `targets` (fp32).
+
+    Training on the CPU path fuses the output projection with the loss (no logits kept, one exp
+    per logit); evaluation, other backends and other architectures go through the logits.
+    """
+    head = _fused_head(model) if model.training else None
+    if head is not None:
+        return linear_cross_entropy(model.model(inputs), head, targets)
+    logits = model(inputs).astype(mx.float32)
+    return nn.losses.cross_entropy(logits, targets)
+
+
 def prepare_for_training(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """Set `model` up for this backend's fast path (CPU: de-quantize per layer, fp32); in place."""
+    """Set `model` up for this backend's fast path (CPU: de-quantize per layer, fp32, fast
+    SwiGLU and attention); in place. Inference (serve, eval) uses the same path."""
     if backend is None:
         from mlxtune.platform import backend as current_backend
 
@@ -194,4 +194,6 @@ def prepare_for_training(model: nn.Module, backend: str | None = None) -> nn.Mod
     if use_dequantized_matmul(backend):
         dequantize_per_layer(model)
         cast_floats(model)
+        use_fast_mlps(model)
+        use_fast_attention(model)
     return model

@@ -264,10 +264,10 @@ LEGS = {"mlxtune": leg_mlxtune, "mlx_lm": leg_mlx_lm,
 
 def _leg_env(name: str) -> dict:
     """The environment a user of that tool gets: mlxtune's fast BLAS, or stock MLX's own."""
-    from mlxtune.blas import MARKER_VAR, blas_env
+    from mlxtune.blas import ALLOCATOR_ENV, MARKER_VAR, blas_env
 
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", MARKER_VAR)}
+           if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", MARKER_VAR, *ALLOCATOR_ENV)}
     if name in ("mlxtune", "mlx_lm+openblas", "7b"):
         env.update(blas_env(env))
     return env

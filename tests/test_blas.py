@@ -39,7 +39,7 @@ CPUINFO_ZEN3 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx avx2 fma\n"
 def test_env_preloads_openblas_and_sets_coretype(fake_system):
     env = blas.blas_env({"LD_PRELOAD": "/other.so"}, cpuinfo=CPUINFO_ZEN3)
     assert env == {"LD_PRELOAD": "/x/libopenblas.so.0:/other.so", "OPENBLAS_CORETYPE": "Zen",
-                   blas.MARKER_VAR: "/x/libopenblas.so.0"}
+                   blas.MARKER_VAR: "/x/libopenblas.so.0", **blas.ALLOCATOR_ENV}
 
 
 def test_env_never_overrides_users_coretype(fake_system):
@@ -51,10 +51,17 @@ def test_env_never_overrides_users_coretype(fake_system):
     {"MLXTUNE_FAST_BLAS": "0"},  # the escape hatch
     {"MLXTUNE_FAST_BLAS": "off"},
     {blas.MARKER_VAR: "/x/libopenblas.so.0"},  # already re-executed once
-    {"LD_PRELOAD": "/usr/lib/libopenblas.so.0"},  # the user preloads it already
+    {"LD_PRELOAD": "/usr/lib/libopenblas.so.0", **blas.ALLOCATOR_ENV},  # the user set it all
 ])
 def test_env_is_empty_when_off_or_done(fake_system, environ):
     assert blas.blas_env(environ, cpuinfo=CPUINFO_ZEN3) == {}
+
+
+def test_allocator_settings_alone_when_the_user_preloads_blas(fake_system):
+    """A user's own preloaded OpenBLAS stays; the allocator settings still come, the user's win."""
+    env = blas.blas_env({"LD_PRELOAD": "/usr/lib/libopenblas.so.0", "MALLOC_MMAP_MAX_": "8"},
+                        cpuinfo=CPUINFO_ZEN3)
+    assert env == {"MALLOC_TRIM_THRESHOLD_": blas.ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"]}
 
 
 def test_env_is_empty_off_linux(fake_system, monkeypatch):
@@ -83,7 +90,7 @@ def _doctor(env: dict) -> dict:
 
 
 def _clean_env() -> dict:
-    drop = ("LD_PRELOAD", "OPENBLAS_CORETYPE", blas.MARKER_VAR, blas.OFF_VAR)
+    drop = ("LD_PRELOAD", "OPENBLAS_CORETYPE", blas.MARKER_VAR, blas.OFF_VAR, *blas.ALLOCATOR_ENV)
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 

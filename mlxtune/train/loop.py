@@ -10,22 +10,27 @@ import mlx.nn as nn
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
+from mlxtune.fastpath import token_losses
+
 
 def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
     """Mean cross-entropy over the tokens whose mask is 1, and how many there were."""
-    logits = model(inputs).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ce = token_losses(model, inputs, targets) * mask
     ntoks = mask.sum()
     return ce.sum() / mx.maximum(ntoks, 1), ntoks
 
 
 def evaluate(model: nn.Module, batches, loss: Callable = masked_loss) -> float:
-    """Token-weighted mean loss over `batches` of (inputs, targets, mask), summed across ranks."""
+    """Token-weighted mean loss over `batches` of (inputs, targets, mask), summed across ranks,
+    in eval mode (no dropout); the model's mode is restored after."""
+    training = model.training
+    model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
     for inputs, targets, mask in batches:
         value, ntoks = loss(model, inputs, targets, mask)
         total, count = total + value * ntoks, count + ntoks
         mx.eval(total, count)
+    model.train(training)
     total = mx.distributed.all_sum(total, stream=mx.cpu)
     count = mx.distributed.all_sum(count, stream=mx.cpu)
     return (total / mx.maximum(count, 1)).item()

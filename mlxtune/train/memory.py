@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxtune.fastpath import row_chunks
+from mlxtune.cpu_math import row_chunks
 from mlxtune.models.folder import read_config, safetensors_shapes
 from mlxtune.train.config import TrainConfig
 

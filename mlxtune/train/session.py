@@ -195,7 +195,6 @@ class TrainingSession:
         # Each rank scores its own share; evaluate() sums across ranks.
         mine = self.valid_set[self.world.rank()::self.world.size()]
         val = evaluate(self.model, eval_batches(mine, cfg.batch_size, cfg.val_batches))
-        self.model.train()
         self.last_val = val
         self.progress.say(f"step {step}: val loss {val:.4f}")
         if self.main:
