@@ -136,12 +136,21 @@ def use_fast_mlps(model: nn.Module) -> int:
     return len(swaps)
 
 
+# The fast attention keeps its probabilities for the backward pass, as MLX's own does not: above
+# this many scores (64 MB in fp32; SmolLM2 batch 1 x 1366 tokens) mlx-lm's takes over, so long
+# sequences keep MLX's memory (at 2048 tokens the fast one measured +0.26 GB).
+FAST_ATTENTION_SCORES = 1 << 24
+
+
 def _cpu_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
     """mlx-lm's scaled_dot_product_attention, with the fast-exp attention for the cases it covers
-    (fp32, no quantized cache, no sinks, a causal or 2-D mask) and mlx-lm's own otherwise."""
+    (fp32, no quantized cache, no sinks, a causal or 2-D mask, not too long) and mlx-lm's own
+    otherwise."""
     from mlx_lm.models.base import scaled_dot_product_attention as stock
 
+    b, heads, n, _ = queries.shape
     if (hasattr(cache, "bits") or sinks is not None or queries.dtype != mx.float32
+            or b * heads * n * keys.shape[2] > FAST_ATTENTION_SCORES
             or not (mask is None or isinstance(mask, str) or mask.ndim <= 2)):
         return stock(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     return attention(queries, keys, values, scale, mask)
@@ -156,6 +165,14 @@ def use_fast_attention(model: nn.Module) -> bool:
         return False
     sys.modules[name].scaled_dot_product_attention = _cpu_sdpa
     return True
+
+
+def fused_loss_model_type(model_type: str) -> bool:
+    """Whether a model of this config.json `model_type` trains with the fused output loss on the
+    CPU path (its head quantized, as the CPU path's models are)."""
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    return f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}" in STANDARD
 
 
 def _fused_head(model: nn.Module) -> nn.Module | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -108,12 +109,17 @@ def main() -> None:
             models.append(("llama-7b-shaped 4-bit", str(make_7b(Path(tmp) / "llama7b"))))
         print(f"{'model':<24} {'seq':>5} {'checkpoint':>10} {'planned GB':>11} "
               f"{'measured GB':>12} {'plan/measured':>14}", flush=True)
+        # Each step runs with what the mlxtune command gives itself: the fast BLAS and allocator.
+        from mlxtune.blas import MARKER_VAR, blas_env
+
+        env = {**os.environ, **blas_env()}
+        env.pop(MARKER_VAR, None)
         for name, folder in models:
             for seq in map(int, args.seqs.split(",")):
                 for ckpt in (True,) if args.checkpoint_only else (False, True):
                     out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch),
                                           "--one", folder, str(seq), str(int(ckpt))],
-                                         capture_output=True, text=True)
+                                         capture_output=True, text=True, env=env)
                     if out.returncode:
                         print(f"{name:<24} {seq:>5} {str(ckpt):>10}  failed: "
                               f"{out.stderr.strip().splitlines()[-1]}", flush=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxtune.cpu_math import row_chunks
+from mlxtune.cpu_math import logit_chunks, row_chunks
+from mlxtune.fastpath import fused_loss_model_type
 from mlxtune.models.folder import read_config, safetensors_shapes
 from mlxtune.train.config import TrainConfig
 
@@ -152,10 +153,21 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
         if len(chunks) > 1:
             size += b * t * rows * act
         scratch = max(scratch, size)
-    logits = 3 * b * t * vocab * 4
+    # The fused output loss of the CPU path (fastpath.token_losses) holds one vocabulary chunk of
+    # logits and its exp, not the whole logits three times over, and de-quantized head chunks
+    # (counted 4x: fitted to bench_memory.py's SmolLM2 peaks at 512 and 2048 tokens).
+    if backend == "cpu" and fused_loss_model_type(config.get("model_type", "")):
+        a, z = logit_chunks(vocab, h, b * t)[0]
+        logits = 2 * b * t * (z - a) * 4 + 4 * (z - a) * h * 4 + 2 * b * t * h * 4
+    else:
+        logits = 3 * b * t * vocab * 4
+    # The backward pass of one attention briefly holds the scores' gradient and its softmax's
+    # beside the kept probabilities (~2 more heads x t x t matrices: measured at 2048 tokens once
+    # the logits stopped hiding it).
+    transient = 2 * b * heads * t * t * act
     acts = ckpt_acts if train.grad_checkpoint else full_acts
     other = full_acts if train.grad_checkpoint else ckpt_acts
-    peak = weights + trainable * (2 + moments) + acts + logits + scratch
+    peak = weights + trainable * (2 + moments) + acts + logits + scratch + transient
     return MemoryPlan(weights=weights, trainable=trainable, gradients=trainable,
                       optimizer=trainable * moments, activations=acts, activations_other=other,
                       logits=logits, peak=peak, available=available, trainable_params=params)
