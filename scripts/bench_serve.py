@@ -99,12 +99,20 @@ def one(client, model: str, max_tokens: int, extra: dict | None = None) -> dict:
             "gen_tps": (n - 1) / (end - first) if n > 1 and end > first else 0.0}
 
 
-def measure(base_url: str, model: str, max_tokens: int, concurrency: int, repeats: int) -> dict:
+def measure(base_url: str, model: str, max_tokens: int, concurrency: int, repeats: int,
+            single_only: bool = False) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
     one(client, model, 8)  # warm-up: compile, caches
     singles = [one(client, model, max_tokens) for _ in range(repeats)]
+    # Printed as it goes: a slow server's first numbers are seen even if a later phase is cut.
+    print(json.dumps({"url": base_url, "ttft_1": statistics.median(r["ttft"] for r in singles),
+                      "tps_1": statistics.median(r["gen_tps"] for r in singles)}), flush=True)
+    if single_only:
+        return {"ttft_1": statistics.median(r["ttft"] for r in singles),
+                "tps_1": statistics.median(r["gen_tps"] for r in singles),
+                "ttft_n": None, "tps_n": None, "switch": None}
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         runs = list(pool.map(lambda _: one(client, model, max_tokens), range(concurrency)))
@@ -136,6 +144,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    # Stock mlx_lm.server on a Linux CPU batches through MLX's fp16 quantized matmul, which ran
+    # over 20 minutes for the 8-request phase on 2 cores: this measures its one-request figures only.
+    parser.add_argument("--stock-single-only", action="store_true",
+                        help="stock mlx_lm.server: only the one-request phase")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from mlxtune.blas import blas_env
@@ -168,11 +180,12 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{port}/v1"
         results["mlx_lm.server"] = measure(url, "default_model", args.max_tokens,
-                                           args.concurrency, args.repeats)
+                                           args.concurrency, args.repeats, args.stock_single_only)
         paths = {str(model_dir): None, **{n: str(p) for n, p in adapters.items()}}
-        results["mlx_lm.server"]["switch"] = switch_cost(
-            url, list(paths), rounds=2,
-            request=lambda n: ("default_model", {"adapters": paths[n]} if paths[n] else {}))
+        if not args.stock_single_only:
+            results["mlx_lm.server"]["switch"] = switch_cost(
+                url, list(paths), rounds=2,
+                request=lambda n: ("default_model", {"adapters": paths[n]} if paths[n] else {}))
     finally:
         stop(proc)
 
@@ -184,6 +197,9 @@ def main() -> None:
     print(f"model {model_dir}, {args.max_tokens} tokens per answer, greedy")
     print(f"{'':42} {'mlxtune serve':>14} {'mlx_lm.server':>14} {'ours/stock':>11}")
     for label, key, higher in rows:
+        if stock[key] is None:
+            print(f"{label:42} {ours[key]:14.3f} {'not run':>14}")
+            continue
         ratio = ours[key] / stock[key] if stock[key] else float("nan")
         print(f"{label:42} {ours[key]:14.3f} {stock[key]:14.3f} {ratio:10.2f}x"
               f"{'' if higher else ' (lower is better)'}")

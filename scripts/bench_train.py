@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """One QLoRA training job three ways: mlxtune, stock mlx_lm.lora, PEFT on PyTorch CPU.
 
-    .venv/bin/python scripts/bench_train.py            # the three legs, ~5 minutes on 2 cores
+    .venv/bin/python scripts/bench_train.py            # the three legs (stock: 35+ min on 2 cores)
+    .venv/bin/python scripts/bench_train.py --legs mlxtune,peft --rounds 3   # ~4 minutes
     .venv/bin/python scripts/bench_train.py --7b       # also: peak memory of a 7B-shaped step
 
 Same job for every leg: the built-in 4-bit SmolLM2-135M, the same token batches (4 x 64,
@@ -287,6 +288,13 @@ def _run_leg(name: str, data: Path, warmup: int) -> dict | None:
         return json.loads(Path(out.name).read_text())
 
 
+def _median_run(runs: list[dict | None]) -> dict | None:
+    """The run with the median tokens/s of a leg's rounds (None if any failed)."""
+    if not runs or any(r is None for r in runs):
+        return None
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -300,6 +308,8 @@ def main() -> int:
     p.add_argument("--stock-steps", type=int, default=1, help="timed steps of stock mlx_lm")
     p.add_argument("--stock-warmup", type=int, default=0, help="untimed steps of stock mlx_lm")
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps (fast legs)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the fast legs this many times, alternating; report each leg's median")
     p.add_argument("--legs", default="mlxtune,mlx_lm,peft",
                    help="comma list of mlxtune, mlx_lm, mlx_lm+openblas, peft")
     p.add_argument("--7b", dest="seven_b", action="store_true",
@@ -319,21 +329,27 @@ def main() -> int:
         return 0
 
     legs = [leg for leg in args.legs.split(",") if leg]
-    results = {}
+    runs = {name: [] for name in legs}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in legs:
-            stock = name.startswith("mlx_lm")
-            warmup = args.stock_warmup if stock else args.warmup
-            steps = args.stock_steps if stock else args.steps
-            data = Path(tmp) / f"{name}.json"
-            data.write_text(json.dumps(make_tokens((warmup + steps) * BATCH)))
-            results[name] = _run_leg(name, data, warmup)
+        # Fast legs alternate round by round, so a slow spell of a shared machine hits both.
+        for round_ in range(args.rounds):
+            for name in legs:
+                stock = name.startswith("mlx_lm")
+                if stock and round_ > 0:
+                    continue
+                warmup = args.stock_warmup if stock else args.warmup
+                steps = args.stock_steps if stock else args.steps
+                data = Path(tmp) / f"{name}.json"
+                data.write_text(json.dumps(make_tokens((warmup + steps) * BATCH)))
+                runs[name].append(_run_leg(name, data, warmup))
+        results = {name: _median_run(r) for name, r in runs.items()}
         if args.seven_b:
             results["7b"] = _run_leg("7b", Path(tmp) / "none", 0)
 
     print(f"\nQLoRA, built-in SmolLM2-135M 4-bit, batch {BATCH} x {SEQ}, rank {RANK}, "
           f"{'+'.join(KEYS)} of the last {LAYERS} layers, AdamW; {os.cpu_count()} cores")
-    print(f"{'leg':>16} {'tokens/s':>9} {'s/step':>8} {'peak GB':>8} {'max RSS GB':>10}  first losses")
+    print(f"{'leg':>16} {'tokens/s':>9} {'s/step':>8} {'peak GB':>8} {'max RSS GB':>10}  first losses"
+          + (f"   (median of {args.rounds} rounds)" if args.rounds > 1 else ""))
     for name in legs:
         r = results[name]
         if r is None:
@@ -348,6 +364,10 @@ def main() -> int:
             o = results[other]
             print(f"mlxtune / {other}: {fast['tokens_per_s'] / o['tokens_per_s']:.2f}x tokens/s, "
                   f"{fast['rss_gb'] / o['rss_gb']:.2f}x max RSS")
+            pairs = [(a, b) for a, b in zip(runs["mlxtune"], runs[other]) if a and b]
+            if len(pairs) > 1:
+                print("  per round (side by side): " + ", ".join(
+                    f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x" for a, b in pairs))
     if args.seven_b and results.get("7b"):
         r = results["7b"]
         print(f"\n7B-shaped llama, random 4-bit weights ({r['weights_gb']:.2f} GB), LoRA on "
