@@ -114,7 +114,7 @@ def tuned(tmp_path_factory, tiny_qmodel_dir):
     root = tmp_path_factory.mktemp("tuned")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLXTUNE_HOME", str(root / "home"))
-        result = run_training(_config(root, tiny_qmodel_dir), say=lambda s: None)
+        result = run_training(_config(root, tiny_qmodel_dir, iters=80), say=lambda s: None)
     return {"model": Path(tiny_qmodel_dir).resolve(), "adapter": result.run_dir,
             "data": root / "data"}
 
