@@ -9,9 +9,10 @@ Exp: MLX's CPU `exp` costs ~15 ns an element (scalar, a libm call per fma), so o
 over SmolLM2's 49152-word vocabulary (12.6M exps for 256 tokens, twice: forward and backward) and
 the SiLU of every MLP cost more than their matmuls. Here exp is a Cephes-style polynomial made of
 ops that `mx.compile` fuses into one loop g++ vectorizes (~4x faster, relative error < 1e-6),
-and the two users get custom gradients that reuse work instead of recomputing it:
+and its users get custom gradients that reuse work instead of recomputing it:
 
 - `swiglu(gate, up)`: silu(gate) * up, its backward from one more fast exp.
+- `softmax` / `attention`: the backward from the kept probabilities.
 - `linear_cross_entropy(h, head, targets)`: the output projection and the cross-entropy in one
   pass over the vocabulary, in row chunks with a running max (like flash attention): the softmax
   is exponentiated once and the gradient for h is formed in the same pass, so the full logits are
@@ -27,6 +28,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 COMPUTE_DTYPE = mx.float32
+
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
                bits: int, mode: str = "affine", dtype=COMPUTE_DTYPE) -> mx.array:
@@ -63,7 +65,12 @@ def row_chunks(rows: int, cols: int, tokens: int) -> list[tuple[int, int]]:
     # fp32 weight it saves is bigger (7B's lm_head, not SmolLM2's 49152 x 576 tied head).
     if rows * cols - CHUNK_ELEMENTS <= tokens * rows:
         return [(0, rows)]
-    step = -(-rows // -(-rows * cols // CHUNK_ELEMENTS))
+    return _split(rows, -(-rows * cols // CHUNK_ELEMENTS))
+
+
+def _split(rows: int, parts: int) -> list[tuple[int, int]]:
+    """0..rows in `parts` ranges of equal size (the last one shorter)."""
+    step = -(-rows // parts)
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
@@ -223,9 +230,7 @@ LOGIT_ELEMENTS = 1 << 23
 def logit_chunks(rows: int, cols: int, tokens: int) -> list[tuple[int, int]]:
     """The vocabulary ranges linear_cross_entropy works through, one at a time, for `tokens`
     positions: row_chunks' for the weight, split further so a chunk's logits stay small."""
-    parts = max(len(row_chunks(rows, cols, tokens)), -(-rows * tokens // LOGIT_ELEMENTS))
-    step = -(-rows // parts)
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    return _split(rows, max(len(row_chunks(rows, cols, tokens)), -(-rows * tokens // LOGIT_ELEMENTS)))
 
 
 @lru_cache(maxsize=None)
