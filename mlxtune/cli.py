@@ -242,6 +242,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     print(f"{'fast blas':>18}  {fast['fast_blas']}; preloaded {fast['preloaded'] or 'nothing'}; "
           f"core type {fast['coretype'] or 'auto'}; found {fast['found'] or 'none'}")
     print(f"{'cpu matmul':>18}  {report['cpu_matmul_gflops']} GFLOP/s (fp32, 1024x1024)")
+    print(f"{'cpu kernels':>18}  {report['cpu_kernels']}")
     for line in report["advice"] or ["nothing to fix"]:
         print(f"{'advice':>18}  {line}")
 

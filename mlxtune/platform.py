@@ -98,6 +98,13 @@ def measure_matmul_gflops(n: int = 1024, repeats: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def cpu_kernels_status() -> str:
+    """Whether mlxtune's compiled CPU kernels (mlxtune/kernels) are built and usable."""
+    from mlxtune import kernels
+
+    return kernels.status()
+
+
 def system_report() -> dict:
     """Everything `mlxtune doctor` shows, measured now."""
     import mlx.core as mx
@@ -118,6 +125,7 @@ def system_report() -> dict:
         "blas": blas,
         "fast_blas": fast_blas_state(),
         "cpu_matmul_gflops": round(gflops, 1),
+        "cpu_kernels": cpu_kernels_status(),
         "advice": [],
     }
     advice = report["advice"]
@@ -133,6 +141,9 @@ def system_report() -> dict:
             # OpenBLAS is loaded yet slow: the cores are busy with something else.
             advice.append(f"MLX's CPU matmul runs at {gflops:.0f} GFLOP/s with OpenBLAS loaded: "
                           "other programs are using the CPU (check the load with `uptime`)")
+        if not report["cpu_kernels"].startswith("in use"):
+            advice.append(f"mlxtune's CPU kernels: {report['cpu_kernels']}; without them "
+                          "de-quantizing 4-bit weights is ~8x slower")
     if report["available_gb"] and report["available_gb"] < 4:
         advice.append(f"only {report['available_gb']} GB of memory is free: close other programs "
                       "or use a smaller model, batch or sequence length")

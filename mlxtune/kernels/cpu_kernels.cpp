@@ -1,0 +1,183 @@
+// CPU kernels MLX's own ops cannot express fast: de-quantizing 4/8-bit affine weights to fp32.
+//
+// MLX compiles elementwise graphs with broadcasts (a per-group scale) to scalar strided loops
+// (~2 ns an element on the CI machine's Zen 3), and its CPU backend runs them on one thread. This
+// primitive unpacks a word's eight nibbles with one vector shift, converts and scales them with
+// one fma, and splits the rows over the cores. See mlxtune/kernels/__init__.py.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+
+template <typename S>
+inline float to_float(S v) {
+  return static_cast<float>(v);
+}
+
+// One row range of a (rows x cols) weight; `words` 32-bit words per row.
+template <typename S>
+__attribute__((target_clones("avx2", "default"))) void dequantize_rows(
+    const uint32_t* w, const S* scales, const S* biases, float* out, int64_t row_begin,
+    int64_t row_end, int64_t cols, int group_size, int bits) {
+  const int64_t groups = cols / group_size;
+  const int64_t words = cols * bits / 32;
+  const int64_t words_per_group = group_size * bits / 32;
+  const v8u shifts = {0, 4, 8, 12, 16, 20, 24, 28};
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const uint32_t* wr = w + r * words;
+    float* outr = out + r * cols;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = to_float(scales[r * groups + g]);
+      const float b = to_float(biases[r * groups + g]);
+      const uint32_t* wg = wr + g * words_per_group;
+      float* og = outr + g * group_size;
+      if (bits == 4) {
+        const v8f s8 = s - (v8f){};
+        const v8f b8 = b - (v8f){};
+        for (int64_t j = 0; j < words_per_group; ++j) {
+          const v8u q = ((wg[j] - (v8u){}) >> shifts) & 15u;
+          const v8f f = __builtin_convertvector((v8i)q, v8f) * s8 + b8;
+          std::memcpy(og + 8 * j, &f, sizeof(f));
+        }
+      } else {  // 8 bits: bytes in order, little-endian words
+        const uint8_t* bytes = reinterpret_cast<const uint8_t*>(wg);
+        for (int i = 0; i < group_size; ++i) {
+          og[i] = static_cast<float>(bytes[i]) * s + b;
+        }
+      }
+    }
+  }
+}
+
+// Below this many output elements per thread, one thread is faster than starting another; past
+// MAX_THREADS the copy is bound by memory bandwidth, not by cores.
+constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;
+constexpr unsigned MAX_THREADS = 8;
+
+template <typename S>
+void dequantize_parallel(const uint32_t* w, const S* scales, const S* biases, float* out,
+                         int64_t rows, int64_t cols, int group_size, int bits) {
+  int threads = static_cast<int>(std::min<int64_t>(
+      std::clamp(std::thread::hardware_concurrency(), 1u, MAX_THREADS),
+      rows * cols / PARALLEL_ELEMENTS));
+  threads = std::max(threads, 1);
+  std::vector<std::thread> pool;
+  const int64_t step = (rows + threads - 1) / threads;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t a = t * step, b = std::min(rows, a + step);
+    if (a < b) {
+      pool.emplace_back(dequantize_rows<S>, w, scales, biases, out, a, b, cols, group_size, bits);
+    }
+  }
+  dequantize_rows<S>(w, scales, biases, out, 0, std::min(rows, step), cols, group_size, bits);
+  for (auto& t : pool) {
+    t.join();
+  }
+}
+
+class AffineDequantize : public mx::Primitive {
+ public:
+  AffineDequantize(mx::Stream stream, int group_size, int bits)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& w = inputs[0];
+    auto& scales = inputs[1];
+    auto& biases = inputs[2];
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(w);
+    encoder.set_input_array(scales);
+    encoder.set_input_array(biases);
+    encoder.set_output_array(out);
+    const int64_t rows = out.shape(0), cols = out.shape(1);
+    const int gs = group_size_, bits = bits_;
+    auto dtype = scales.dtype();
+    encoder.dispatch([w = w.data<uint32_t>(), s = scales.data<void>(), b = biases.data<void>(),
+                      o = out.data<float>(), rows, cols, gs, bits, dtype]() {
+      if (dtype == mx::float32) {
+        dequantize_parallel(w, static_cast<const float*>(s), static_cast<const float*>(b), o,
+                            rows, cols, gs, bits);
+      } else if (dtype == mx::float16) {
+        dequantize_parallel(w, static_cast<const mx::float16_t*>(s),
+                            static_cast<const mx::float16_t*>(b), o, rows, cols, gs, bits);
+      } else {
+        dequantize_parallel(w, static_cast<const mx::bfloat16_t*>(s),
+                            static_cast<const mx::bfloat16_t*>(b), o, rows, cols, gs, bits);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[mlxtune AffineDequantize] CPU only.");
+  }
+
+  const char* name() const override {
+    return "MlxtuneAffineDequantize";
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[0].shape(1) * 32 / bits_}};
+  }
+
+ private:
+  int group_size_;
+  int bits_;
+};
+
+mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                     int group_size, int bits, mx::StreamOrDevice s) {
+  if (bits != 4 && bits != 8) {
+    throw std::invalid_argument("[mlxtune dequantize] bits must be 4 or 8.");
+  }
+  if (w.ndim() != 2 || w.dtype() != mx::uint32 || scales.ndim() != 2 ||
+      scales.shape() != biases.shape() || scales.dtype() != biases.dtype() ||
+      scales.shape(0) != w.shape(0) || group_size % 8 != 0 ||
+      scales.shape(1) * group_size != w.shape(1) * 32 / bits) {
+    throw std::invalid_argument("[mlxtune dequantize] expects uint32 (rows, words) weights and "
+                                "(rows, groups) scales and biases of one float type.");
+  }
+  if (scales.dtype() != mx::float32 && scales.dtype() != mx::float16 &&
+      scales.dtype() != mx::bfloat16) {
+    throw std::invalid_argument("[mlxtune dequantize] scales must be float32/16 or bfloat16.");
+  }
+  auto stream = mx::to_stream(s);
+  // The kernel reads plain row-major buffers.
+  auto inputs = std::vector<mx::array>{mx::contiguous(w, false, stream),
+                                       mx::contiguous(scales, false, stream),
+                                       mx::contiguous(biases, false, stream)};
+  mx::Shape shape = {w.shape(0), w.shape(1) * 32 / bits};
+  return mx::array(shape, mx::float32,
+                   std::make_shared<AffineDequantize>(stream, group_size, bits), inputs);
+}
+
+}  // namespace
+
+NB_MODULE(_cpu_kernels, m) {
+  m.doc() = "mlxtune's CPU kernels for MLX (built by mlxtune.kernels.build).";
+  m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "De-quantize affine 4/8-bit packed weights (rows x words, uint32) to float32.");
+  m.attr("MLX_VERSION") = mx::version();
+}

@@ -1,0 +1,85 @@
+"""mlxtune's compiled CPU kernels (mlxtune/kernels): built by setup on Linux, and exactly MLX's
+numbers wherever cpu_math uses them."""
+
+import sys
+
+import mlx.core as mx
+import pytest
+
+from mlxtune import cpu_math, kernels
+
+
+def _mlx_ops(monkeypatch):
+    """cpu_math without the compiled kernel: its MLX-op de-quantizer."""
+    monkeypatch.setattr(kernels, "dequantize", None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup builds them on Linux")
+def test_built_and_loaded_on_linux():
+    assert kernels.dequantize is not None, kernels.status()
+    assert kernels.status().startswith("in use")
+
+
+needs_kernels = pytest.mark.skipif(kernels.dequantize is None, reason=kernels.status())
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_dequantize_equals_mlx(bits, group_size, dtype, monkeypatch):
+    w, scales, biases = mx.quantize(mx.random.normal((96, 512), key=mx.random.key(bits)),
+                                    group_size=group_size, bits=bits)
+    scales, biases = scales.astype(dtype), biases.astype(dtype)
+    got = kernels.dequantize(w, scales, biases, group_size, bits)
+    want = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
+                         group_size=group_size, bits=bits)
+    assert got.dtype == mx.float32 and got.shape == (96, 512)
+    assert mx.array_equal(got, want).item()
+    # cpu_math takes the kernel, and its own ops give the same numbers.
+    assert mx.array_equal(cpu_math.dequantize(w, scales, biases, group_size, bits), got).item()
+    _mlx_ops(monkeypatch)
+    assert mx.array_equal(cpu_math.dequantize(w, scales, biases, group_size, bits), got).item()
+
+
+@needs_kernels
+def test_views_compile_and_many_threads():
+    # Row slices (what dequantized_rows passes), a non-contiguous view, inside mx.compile, and a
+    # weight big enough to be split over threads.
+    w, scales, biases = mx.quantize(mx.random.normal((2048, 256), key=mx.random.key(1)),
+                                    group_size=64, bits=4)
+    want = mx.dequantize(w, scales, biases, group_size=64, bits=4)
+    part = kernels.dequantize(w[100:300], scales[100:300], biases[100:300], 64, 4)
+    assert mx.array_equal(part, want[100:300]).item()
+    every_other = kernels.dequantize(w[::2], scales[::2], biases[::2], 64, 4)
+    assert mx.array_equal(every_other, want[::2]).item()
+    doubled = mx.compile(lambda w, s, b: 2 * kernels.dequantize(w, s, b, 64, 4))(w, scales, biases)
+    assert mx.array_equal(doubled, 2 * want).item()
+
+
+@needs_kernels
+def test_rejects_what_it_does_not_cover():
+    w, scales, biases = mx.quantize(mx.random.normal((8, 64)), group_size=32, bits=4)
+    with pytest.raises(ValueError, match="bits"):
+        kernels.dequantize(w, scales, biases, 32, 3)
+    with pytest.raises(ValueError, match="expects"):
+        kernels.dequantize(w, scales[:, :1], biases[:, :1], 32, 4)
+
+
+@needs_kernels
+def test_training_gradients_equal_with_and_without_kernel(monkeypatch):
+    # The custom-VJP matmul de-quantizes in both passes: the kernel must not change a thing.
+    w, scales, biases = mx.quantize(mx.random.normal((192, 128), key=mx.random.key(2)),
+                                    group_size=32, bits=4)
+    scales, biases = scales.astype(mx.float16), biases.astype(mx.float16)
+    x = mx.random.normal((4, 8, 128), key=mx.random.key(3))
+    fn = cpu_math._matmul_fn(32, 4, "affine", True)
+
+    def loss(x):
+        return (fn(x, w, scales, biases) ** 2).sum()
+
+    with_kernel = mx.value_and_grad(loss)(x)
+    _mlx_ops(monkeypatch)
+    without = mx.value_and_grad(loss)(x)
+    assert mx.allclose(with_kernel[0], without[0], rtol=1e-6).item()
+    assert mx.array_equal(with_kernel[1], without[1]).item()
