@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlxtune import cpu_math, fastpath
+from mlxtune import cpu_math, fastpath, kernels
 from mlxtune.fastpath import prepare_for_training, token_losses
 
 
@@ -58,9 +58,14 @@ def test_attention_matches_mlx_fast_sdpa(keys, mask):
 
 @pytest.mark.parametrize("bits, tied", [(4, False), (8, True)])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_linear_cross_entropy_matches_logits(bits, tied, chunked, monkeypatch):
+@pytest.mark.parametrize("compiled_kernels", [True, False])
+def test_linear_cross_entropy_matches_logits(bits, tied, chunked, compiled_kernels, monkeypatch):
     """Loss and gradient equal cross_entropy(h @ W.T) for a quantized head, in one piece or in
-    vocabulary chunks (the running max and rescaled sums of a big head)."""
+    vocabulary chunks (the running max and rescaled sums of a big head), with mlxtune's compiled
+    kernels and with MLX's ops in their place."""
+    if not compiled_kernels:
+        monkeypatch.setattr(kernels, "dequantize", None)
+        monkeypatch.setattr(kernels, "softmax_parts", None)
     if chunked:
         monkeypatch.setattr(cpu_math, "LOGIT_ELEMENTS", 1000)
     vocab, dim = 300, 64

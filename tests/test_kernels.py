@@ -83,3 +83,20 @@ def test_training_gradients_equal_with_and_without_kernel(monkeypatch):
     without = mx.value_and_grad(loss)(x)
     assert mx.allclose(with_kernel[0], without[0], rtol=1e-6).item()
     assert mx.array_equal(with_kernel[1], without[1]).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(256, 3000), (3, 5, 13), (4, 8)])
+def test_softmax_parts_equal_exp_max_sum(shape):
+    # Widths that are and are not multiples of the 8-lane vector; rows split over threads.
+    x = mx.random.normal(shape, key=mx.random.key(4)) * 8
+    e, top, total = kernels.softmax_parts(x)
+    want_top = x.max(axis=-1, keepdims=True)
+    want_e = mx.exp(x - want_top)
+    assert mx.array_equal(top, want_top).item()
+    assert mx.allclose(e, want_e, rtol=1e-5, atol=0).item()
+    assert mx.allclose(total, want_e.sum(axis=-1, keepdims=True), rtol=1e-5).item()
+    assert e.shape == x.shape and top.shape == total.shape == (*shape[:-1], 1)
+    # Far below the max it underflows to e^-87, never to garbage.
+    far = kernels.softmax_parts(mx.array([[0.0, -1000.0]]))[0]
+    assert 0 <= far[0, 1].item() < 1e-37 and far[0, 0].item() == 1.0

@@ -6,6 +6,7 @@
 // one fma, and splits the rows over the cores. See mlxtune/kernels/__init__.py.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -14,6 +15,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
@@ -172,6 +174,135 @@ mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::arra
                    std::make_shared<AffineDequantize>(stream, group_size, bits), inputs);
 }
 
+
+// ---- softmax_parts: a row's max, exp(x - max) and its sum, for the fused cross-entropy ----
+
+// Cephes' expf (as cpu_math.exp): e^x = 2^n e^r, |r| <= ln(2)/2, x clipped to [-87, 88].
+template <typename V>
+__attribute__((always_inline)) inline V exp_poly(V x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  V n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
+  V r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  V p = x * 0.0f + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
+__attribute__((target_clones("avx2", "default"))) void softmax_rows(
+    const float* x, float* e, float* maxes, float* sums, int64_t row_begin, int64_t row_end,
+    int64_t cols) {
+  const int64_t vec = cols / 8 * 8;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const float* xr = x + r * cols;
+    float* er = e + r * cols;
+    v8f m8 = -INFINITY - (v8f){};
+    for (int64_t i = 0; i < vec; i += 8) {
+      v8f v;
+      std::memcpy(&v, xr + i, sizeof(v));
+      m8 = v > m8 ? v : m8;
+    }
+    float m = -INFINITY;
+    for (int k = 0; k < 8; ++k) m = std::max(m, m8[k]);
+    for (int64_t i = vec; i < cols; ++i) m = std::max(m, xr[i]);
+    v8f s8 = {};
+    for (int64_t i = 0; i < vec; i += 8) {
+      v8f v;
+      std::memcpy(&v, xr + i, sizeof(v));
+      v = v - m;
+      v8f y = exp_poly(v);
+      v8f n = (v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v)) * 1.4426950408889634f;
+      n = (n + 12582912.0f) - 12582912.0f;
+      v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+      v8f two_n;
+      std::memcpy(&two_n, &bits, sizeof(bits));
+      y = y * two_n;
+      std::memcpy(er + i, &y, sizeof(y));
+      s8 += y;
+    }
+    float sum = 0.0f;
+    for (int k = 0; k < 8; ++k) sum += s8[k];
+    for (int64_t i = vec; i < cols; ++i) {
+      float v = std::clamp(xr[i] - m, -87.0f, 88.0f);
+      float n = (v * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
+      int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+      float two_n;
+      std::memcpy(&two_n, &bits, sizeof(bits));
+      er[i] = exp_poly(v) * two_n;
+      sum += er[i];
+    }
+    maxes[r] = m;
+    sums[r] = sum;
+  }
+}
+
+template <typename F>
+void parallel_rows(int64_t rows, int64_t cols, F&& body) {
+  int threads = static_cast<int>(std::min<int64_t>(
+      std::clamp(std::thread::hardware_concurrency(), 1u, MAX_THREADS),
+      rows * cols / PARALLEL_ELEMENTS));
+  threads = std::max(threads, 1);
+  const int64_t step = (rows + threads - 1) / threads;
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t a = t * step, b = std::min(rows, a + step);
+    if (a < b) pool.emplace_back(body, a, b);
+  }
+  body(0, std::min(rows, step));
+  for (auto& t : pool) t.join();
+}
+
+class SoftmaxParts : public mx::Primitive {
+ public:
+  explicit SoftmaxParts(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& x = inputs[0];
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    for (auto& o : outputs) encoder.set_output_array(o);
+    const int64_t cols = x.shape(-1), rows = x.size() / cols;
+    encoder.dispatch([x = x.data<float>(), e = outputs[0].data<float>(),
+                      m = outputs[1].data<float>(), s = outputs[2].data<float>(), rows, cols]() {
+      parallel_rows(rows, cols, [&](int64_t a, int64_t b) {
+        softmax_rows(x, e, m, s, a, b, cols);
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[mlxtune SoftmaxParts] CPU only.");
+  }
+
+  const char* name() const override {
+    return "MlxtuneSoftmaxParts";
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto row = inputs[0].shape();
+    row.back() = 1;
+    return {inputs[0].shape(), row, row};
+  }
+};
+
+// (exp(x - max), max, sum of the former) over the last axis of a float32 array.
+std::vector<mx::array> softmax_parts(const mx::array& x, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || x.ndim() < 1) {
+    throw std::invalid_argument("[mlxtune softmax_parts] expects a float32 array.");
+  }
+  auto stream = mx::to_stream(s);
+  auto row = x.shape();
+  row.back() = 1;
+  return mx::array::make_arrays({x.shape(), row, row}, {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<SoftmaxParts>(stream),
+                                {mx::contiguous(x, false, stream)});
+}
+
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
@@ -179,5 +310,7 @@ NB_MODULE(_cpu_kernels, m) {
   m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "De-quantize affine 4/8-bit packed weights (rows x words, uint32) to float32.");
+  m.def("softmax_parts", &softmax_parts, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "exp(x - max), max and the sum of the former over the last axis (float32).");
   m.attr("MLX_VERSION") = mx::version();
 }
