@@ -5,13 +5,17 @@
 - `softmax_parts(x)`: (exp(x - max), max, sum) over the last axis in one vectorized pass on all
   cores, for the fused cross-entropy (~6x faster than MLX's ops).
 
-Each is None when the extension is not built, was built against another MLX, or cannot exchange
-arrays with this MLX: cpu_math then uses MLX's own ops (slower).
+Each is None when MLXTUNE_CPU_KERNELS=0, when the extension is not built, was built against
+another MLX, or cannot exchange arrays with this MLX: cpu_math then uses MLX's own ops (slower).
 """
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
+
+OFF_VAR = "MLXTUNE_CPU_KERNELS"  # "0" turns them off (MLX's ops are used)
 
 try:
     from mlxtune.kernels import _cpu_kernels
@@ -36,6 +40,8 @@ def _usable(module) -> bool:
     return True
 
 
+if os.environ.get(OFF_VAR, "").strip().lower() in ("0", "false", "no", "off"):
+    _cpu_kernels, _REASON = None, f"turned off ({OFF_VAR}=0)"
 _OK = _cpu_kernels is not None and _usable(_cpu_kernels)
 dequantize = _cpu_kernels.dequantize if _OK else None
 softmax_parts = _cpu_kernels.softmax_parts if _OK else None
