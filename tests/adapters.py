@@ -27,13 +27,18 @@ def write_data(folder: Path, answer: str, n_train: int = 32, n_valid: int = 8) -
 
 
 def train_adapter(folder: Path, model_dir: Path, answer: str, rank: int = 8) -> Path:
-    """A LoRA run folder on `model_dir` that learned to answer `answer` (80 steps)."""
+    """A LoRA run folder on `model_dir` that learned to answer `answer` (120 steps).
+
+    At 5e-3 the 80-step run was chaotic: float-rounding differences (another exp, another
+    summation order) moved its final loss anywhere from 1.55 to 2.6 and sometimes left the answer
+    unlearned. At 3e-3, 120 steps reach the same 1.552 from every variant tried.
+    """
     from mlxtune.train.run import run_training
 
     config = {"model": str(model_dir), "data": str(write_data(folder / "data", answer)),
-              "adapter_path": str(folder / "run"), "batch_size": 4, "iters": 80,
-              "learning_rate": 5e-3, "num_layers": -1, "mask_prompt": True,
-              "steps_per_report": 20, "steps_per_eval": 80, "save_every": 80, "val_batches": 2,
+              "adapter_path": str(folder / "run"), "batch_size": 4, "iters": 120,
+              "learning_rate": 3e-3, "num_layers": -1, "mask_prompt": True,
+              "steps_per_report": 20, "steps_per_eval": 120, "save_every": 120, "val_batches": 2,
               "lora_parameters": {"rank": rank, "scale": 2.0}}
     path = folder / "config.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
