@@ -1,9 +1,14 @@
-// CPU kernels MLX's own ops cannot express fast: de-quantizing 4/8-bit affine weights to fp32.
+// CPU kernels for what MLX's own ops cannot do fast on CPU, as an MLX extension (primitives on
+// MLX's CPU stream, nanobind bindings in MLX's type domain so mx.array passes both ways).
 //
-// MLX compiles elementwise graphs with broadcasts (a per-group scale) to scalar strided loops
-// (~2 ns an element on the CI machine's Zen 3), and its CPU backend runs them on one thread. This
-// primitive unpacks a word's eight nibbles with one vector shift, converts and scales them with
-// one fma, and splits the rows over the cores. See mlxtune/kernels/__init__.py.
+// MLX compiles an elementwise graph with a broadcast operand (a per-group scale, a row max) to a
+// scalar strided loop (~2 ns an element on the CI machine's Zen 3) and runs it on one core:
+// - dequantize: 4/8-bit affine weights to fp32, a word's eight nibbles unpacked with one vector
+//   shift and scaled with one multiply-add (1536 x 576: 0.22 ms instead of 1.77);
+// - softmax_parts: a row's max, exp(x - max) and the sum, for the fused cross-entropy (256 x
+//   24576: 7 ms instead of 42).
+// Both split rows over the cores and use AVX2 where the CPU has it (target_clones). See
+// mlxtune/kernels/__init__.py for how mlxtune falls back to MLX's ops without them.
 
 #include <algorithm>
 #include <cmath>
@@ -76,25 +81,29 @@ __attribute__((target_clones("avx2", "default"))) void dequantize_rows(
 constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;
 constexpr unsigned MAX_THREADS = 8;
 
-template <typename S>
-void dequantize_parallel(const uint32_t* w, const S* scales, const S* biases, float* out,
-                         int64_t rows, int64_t cols, int group_size, int bits) {
+// body(a, b) for row ranges of `rows`, split over the cores when the work is big enough.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t cols, F&& body) {
   int threads = static_cast<int>(std::min<int64_t>(
       std::clamp(std::thread::hardware_concurrency(), 1u, MAX_THREADS),
       rows * cols / PARALLEL_ELEMENTS));
   threads = std::max(threads, 1);
-  std::vector<std::thread> pool;
   const int64_t step = (rows + threads - 1) / threads;
+  std::vector<std::thread> pool;
   for (int t = 1; t < threads; ++t) {
     const int64_t a = t * step, b = std::min(rows, a + step);
-    if (a < b) {
-      pool.emplace_back(dequantize_rows<S>, w, scales, biases, out, a, b, cols, group_size, bits);
-    }
+    if (a < b) pool.emplace_back(body, a, b);
   }
-  dequantize_rows<S>(w, scales, biases, out, 0, std::min(rows, step), cols, group_size, bits);
-  for (auto& t : pool) {
-    t.join();
-  }
+  body(0, std::min(rows, step));
+  for (auto& t : pool) t.join();
+}
+
+template <typename S>
+void dequantize_parallel(const uint32_t* w, const S* scales, const S* biases, float* out,
+                         int64_t rows, int64_t cols, int group_size, int bits) {
+  parallel_rows(rows, cols, [&](int64_t a, int64_t b) {
+    dequantize_rows<S>(w, scales, biases, out, a, b, cols, group_size, bits);
+  });
 }
 
 class AffineDequantize : public mx::Primitive {
@@ -177,20 +186,36 @@ mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::arra
 
 // ---- softmax_parts: a row's max, exp(x - max) and its sum, for the fused cross-entropy ----
 
-// Cephes' expf (as cpu_math.exp): e^x = 2^n e^r, |r| <= ln(2)/2, x clipped to [-87, 88].
+// 2^n for whole-valued n in [-126, 127], from its exponent bits.
+__attribute__((always_inline)) inline float pow2(float n) {
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+__attribute__((always_inline)) inline v8f pow2(v8f n) {
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8f out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// Cephes' expf, as cpu_math.exp: e^x = 2^n e^r with |r| <= ln(2)/2, x clipped to [-87, 88].
+// V is float or v8f (the same code, eight lanes at a time).
 template <typename V>
-__attribute__((always_inline)) inline V exp_poly(V x) {
+__attribute__((always_inline)) inline V fast_exp(V x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
-  V n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
-  V r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  const V n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const V r = x - n * 0.693359375f - n * -2.12194440e-4f;
   V p = x * 0.0f + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  return p * r * r + r + 1.0f;
+  return (p * r * r + r + 1.0f) * pow2(n);
 }
 
 __attribute__((target_clones("avx2", "default"))) void softmax_rows(
@@ -213,47 +238,19 @@ __attribute__((target_clones("avx2", "default"))) void softmax_rows(
     for (int64_t i = 0; i < vec; i += 8) {
       v8f v;
       std::memcpy(&v, xr + i, sizeof(v));
-      v = v - m;
-      v8f y = exp_poly(v);
-      v8f n = (v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v)) * 1.4426950408889634f;
-      n = (n + 12582912.0f) - 12582912.0f;
-      v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-      v8f two_n;
-      std::memcpy(&two_n, &bits, sizeof(bits));
-      y = y * two_n;
+      const v8f y = fast_exp(v - m);
       std::memcpy(er + i, &y, sizeof(y));
       s8 += y;
     }
     float sum = 0.0f;
     for (int k = 0; k < 8; ++k) sum += s8[k];
     for (int64_t i = vec; i < cols; ++i) {
-      float v = std::clamp(xr[i] - m, -87.0f, 88.0f);
-      float n = (v * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
-      int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-      float two_n;
-      std::memcpy(&two_n, &bits, sizeof(bits));
-      er[i] = exp_poly(v) * two_n;
+      er[i] = fast_exp(xr[i] - m);
       sum += er[i];
     }
     maxes[r] = m;
     sums[r] = sum;
   }
-}
-
-template <typename F>
-void parallel_rows(int64_t rows, int64_t cols, F&& body) {
-  int threads = static_cast<int>(std::min<int64_t>(
-      std::clamp(std::thread::hardware_concurrency(), 1u, MAX_THREADS),
-      rows * cols / PARALLEL_ELEMENTS));
-  threads = std::max(threads, 1);
-  const int64_t step = (rows + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t a = t * step, b = std::min(rows, a + step);
-    if (a < b) pool.emplace_back(body, a, b);
-  }
-  body(0, std::min(rows, step));
-  for (auto& t : pool) t.join();
 }
 
 class SoftmaxParts : public mx::Primitive {
