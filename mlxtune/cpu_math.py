@@ -3,7 +3,9 @@
 De-quantizing: MLX's CPU `quantized_matmul` is ~15x slower than de-quantizing to fp32 and
 calling the BLAS matmul, so `dequantized_matmul` does that inside a custom VJP that de-quantizes
 again in the backward pass (the fp32 copy of a weight lives only while its layer computes), in
-row chunks for big weights, each chunk ordered after the previous one.
+row chunks for big weights, each chunk ordered after the previous one. The de-quantizing itself,
+and the fused loss's exp/max/sum, run in mlxtune's compiled kernels (mlxtune/kernels) when they
+are built, and in MLX's ops (same numbers, slower) when not.
 
 Exp: MLX's CPU `exp` costs ~15 ns an element (scalar, a libm call per fma), so on 2 cores the softmax
 over SmolLM2's 49152-word vocabulary (12.6M exps for 256 tokens, twice: forward and backward) and
