@@ -98,17 +98,11 @@ def measure_matmul_gflops(n: int = 1024, repeats: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def cpu_kernels_status() -> str:
-    """Whether mlxtune's compiled CPU kernels (mlxtune/kernels) are built and usable."""
-    from mlxtune import kernels
-
-    return kernels.status()
-
-
 def system_report() -> dict:
     """Everything `mlxtune doctor` shows, measured now."""
     import mlx.core as mx
 
+    from mlxtune import kernels
     from mlxtune.blas import describe as fast_blas_state
 
     gflops = measure_matmul_gflops()
@@ -125,7 +119,7 @@ def system_report() -> dict:
         "blas": blas,
         "fast_blas": fast_blas_state(),
         "cpu_matmul_gflops": round(gflops, 1),
-        "cpu_kernels": cpu_kernels_status(),
+        "cpu_kernels": kernels.status(),
         "advice": [],
     }
     advice = report["advice"]
