@@ -49,9 +49,14 @@ _KNOWN_PATHS = [
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
+def switched_off(var: str, environ=os.environ) -> bool:
+    """True when the environment variable `var` says off: 0, false, no or off."""
+    return environ.get(var, "").strip().lower() in ("0", "false", "no", "off")
+
+
 def disabled(environ=os.environ) -> bool:
     """True when the user turned the fast BLAS off with MLXTUNE_FAST_BLAS=0."""
-    return environ.get(OFF_VAR, "").strip().lower() in ("0", "false", "no", "off")
+    return switched_off(OFF_VAR, environ)
 
 
 def exports_blas(path: str) -> bool:

@@ -11,9 +11,9 @@ another MLX, or cannot exchange arrays with this MLX: cpu_math then uses MLX's o
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
+
+from mlxtune.blas import switched_off
 
 OFF_VAR = "MLXTUNE_CPU_KERNELS"  # "0" turns them off (MLX's ops are used)
 
@@ -40,7 +40,7 @@ def _usable(module) -> bool:
     return True
 
 
-if os.environ.get(OFF_VAR, "").strip().lower() in ("0", "false", "no", "off"):
+if switched_off(OFF_VAR):
     _cpu_kernels, _REASON = None, f"turned off ({OFF_VAR}=0)"
 _OK = _cpu_kernels is not None and _usable(_cpu_kernels)
 dequantize = _cpu_kernels.dequantize if _OK else None

@@ -46,7 +46,8 @@ def main() -> int:
     except RuntimeError as exc:
         print(f"mlxtune kernels: not built: {exc}", file=sys.stderr)
         return 2
-    # Load it in a fresh process: this one may not have MLX's types registered the same way.
+    # Check it in a fresh process: running this module already imported mlxtune.kernels, which
+    # looked for the module (the previous build, or none) before this one was built.
     check = subprocess.run([sys.executable, "-c", "from mlxtune import kernels; "
                             "print(kernels.status())"], capture_output=True, text=True)
     print(f"mlxtune kernels: built {path.name}: {check.stdout.strip() or check.stderr.strip()}")

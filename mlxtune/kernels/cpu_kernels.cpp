@@ -36,11 +36,6 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v8f __attribute__((vector_size(32)));
 
-template <typename S>
-inline float to_float(S v) {
-  return static_cast<float>(v);
-}
-
 // One row range of a (rows x cols) weight; `words` 32-bit words per row.
 template <typename S>
 __attribute__((target_clones("avx2", "default"))) void dequantize_rows(
@@ -54,8 +49,8 @@ __attribute__((target_clones("avx2", "default"))) void dequantize_rows(
     const uint32_t* wr = w + r * words;
     float* outr = out + r * cols;
     for (int64_t g = 0; g < groups; ++g) {
-      const float s = to_float(scales[r * groups + g]);
-      const float b = to_float(biases[r * groups + g]);
+      const float s = static_cast<float>(scales[r * groups + g]);
+      const float b = static_cast<float>(biases[r * groups + g]);
       const uint32_t* wg = wr + g * words_per_group;
       float* og = outr + g * group_size;
       if (bits == 4) {
