@@ -11,7 +11,10 @@ import pytest
 
 from mlxtune.train.config import launch_command, load_train_config
 from mlxtune.train.run import run_training
-from tests.test_train import _config
+from tests.adapters import train_config as _config
+
+# Rerun under every compute variant by ./scripts/test.sh --variants (ranks against one process).
+pytestmark = pytest.mark.numerics
 
 
 def _metrics(run_dir):

@@ -17,7 +17,12 @@ import pytest
 from mlxtune.errors import DataError, MlxtuneError
 from mlxtune.evaluate import metrics as M
 from mlxtune.evaluate.stats import paired_bootstrap
-from tests.test_train import ANSWER, _config
+from tests.adapters import ANSWERS, answer_adapters
+
+# Rerun under every compute variant by ./scripts/test.sh --variants (greedy answers scored).
+pytestmark = pytest.mark.numerics
+
+ANSWER = ANSWERS["json-bot"]
 
 # Every request loop below is bounded by these; servers listen on loopback only.
 START_TIMEOUT = 120
@@ -107,16 +112,10 @@ def test_report_escapes_everything(tmp_path):
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, tiny_qmodel_dir):
-    """The tiny 4-bit llama, an adapter trained here to answer {"ok": true}, data with a test
-    split."""
-    from mlxtune.train.run import run_training
-
-    root = tmp_path_factory.mktemp("tuned")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLXTUNE_HOME", str(root / "home"))
-        result = run_training(_config(root, tiny_qmodel_dir, iters=80), say=lambda s: None)
-    return {"model": Path(tiny_qmodel_dir).resolve(), "adapter": result.run_dir,
-            "data": root / "data"}
+    """The tiny 4-bit llama, an adapter built to answer ANSWER to its data (tests/adapters.py),
+    that data with a test split."""
+    run = answer_adapters(tmp_path_factory.mktemp("adapters"), tiny_qmodel_dir)["json-bot"]
+    return {"model": Path(tiny_qmodel_dir).resolve(), "adapter": run, "data": run.parent / "data"}
 
 
 def _free_port() -> int:
@@ -207,7 +206,7 @@ def test_local_model_with_adapter_and_perplexity(tuned, tmp_path):
     tuned_m, base_m = summary.models["model"], summary.models["compare"]
     assert summary.scores == ["exact", "json_valid", "json_fields"]
     assert tuned_m["metrics"]["exact"] == 1.0 > base_m["metrics"]["exact"]
-    # The adapter was trained on exactly these answers: the test set got much less surprising.
+    # The adapter answers exactly these references: the test set got much less surprising.
     assert tuned_m["perplexity"] < 0.2 * base_m["perplexity"]
     assert len(_rows(tmp_path / "out")) == 8
 
@@ -314,7 +313,7 @@ def test_report_renders_in_headless_chromium(server_eval, tmp_path):
     assert dom.count('class="example"') == 8 and "<svg" in dom
     for label in ("default_model", str(summary.models["compare"]["label"])):
         assert f"<th>{label}</th>" in dom
-    assert '<span class="hl-ins">{"ok": true}</span>' in dom.replace("&quot;", '"')
+    assert f'<span class="hl-ins">{ANSWER}</span>' in dom.replace("&quot;", '"')
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""mlxtune fuse on two tiny trained adapters: re-quantized, fp16 (transformers names) and GGUF."""
+"""mlxtune fuse on two tiny adapters with known answers: re-quantized, fp16 (transformers names) and GGUF."""
 
 import json
 import subprocess
@@ -10,15 +10,18 @@ import pytest
 
 from mlxtune.errors import MlxtuneError
 from mlxtune.fuse import fuse
-from tests.adapters import ANSWERS, trained_adapters
+from tests.adapters import ANSWERS, answer_adapters
+
+# Rerun under every compute variant by ./scripts/test.sh --variants (fused weights and logits).
+pytestmark = pytest.mark.numerics
 
 PROMPTS = ["quick brown fox", "lazy dog France", "alpha capital fox"]
 
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, tiny_qmodel_dir):
-    """The json-bot and alpha-bot run folders on the 4-bit tiny llama."""
-    return trained_adapters(tmp_path_factory.mktemp("adapters"), tiny_qmodel_dir)
+    """The json-bot and fox-bot run folders on the 4-bit tiny llama (built, not trained)."""
+    return answer_adapters(tmp_path_factory.mktemp("adapters"), tiny_qmodel_dir)
 
 
 def _greedy(model_dir, adapter=None, max_tokens=10):
@@ -45,7 +48,7 @@ def test_requantized_fuse_stays_4bit_loads_in_mlx_lm_and_reports_drift(tmp_path,
     assert drift.source.startswith("4 examples of") and drift.positions > 50
     assert 0 < drift.mean_abs < drift.max_abs and 0.5 < drift.agreement <= 1.0
     assert any("greedy tokens agree" in line for line in lines)
-    # Stock mlx-lm loads the folder; the re-quantized model still gives the trained answer.
+    # Stock mlx-lm loads the folder; the re-quantized model still gives the adapter's answer.
     fused = _greedy(result.out)
     assert all(o.startswith(ANSWERS["json-bot"][:6]) for o in fused), fused
 
@@ -54,10 +57,10 @@ def test_dequantized_fuse_matches_unfused_greedy_and_has_transformers_names(tmp_
                                                                            tiny_qmodel_dir):
     from transformers import LlamaConfig
 
-    result = fuse(tmp_path / "fp16", adapter=runs["alpha-bot"], dequantize=True,
+    result = fuse(tmp_path / "fp16", adapter=runs["fox-bot"], dequantize=True,
                   say=lambda s: None)
     assert not result.quantized and result.drift.agreement == 1.0
-    assert _greedy(result.out) == _greedy(tiny_qmodel_dir, runs["alpha-bot"])
+    assert _greedy(result.out) == _greedy(tiny_qmodel_dir, runs["fox-bot"])
     config = LlamaConfig.from_pretrained(result.out)
     assert "quantization" not in json.loads((result.out / "config.json").read_text())
     weights = mx.load(str(result.out / "model.safetensors"))

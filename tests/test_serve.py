@@ -1,5 +1,5 @@
 """mlxtune serve: the real server on a free port, talked to with the real openai client (sync,
-async, streaming), one tiny 4-bit base and two adapters trained to different answers."""
+async, streaming), one tiny 4-bit base and two adapters built to give different answers."""
 
 import asyncio
 import json
@@ -16,7 +16,10 @@ import openai
 import pytest
 
 from mlxtune.errors import MlxtuneError
-from tests.adapters import ANSWERS, trained_adapters
+from tests.adapters import ANSWERS, answer_adapters
+
+# Rerun under every compute variant by ./scripts/test.sh --variants (greedy answers through the server).
+pytestmark = pytest.mark.numerics
 
 KEY = "test-key"
 QUESTION = [{"role": "user", "content": "quick brown fox"}]
@@ -67,8 +70,8 @@ class Server:
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, tiny_qmodel_dir):
-    """The json-bot and alpha-bot run folders on the 4-bit tiny llama."""
-    return trained_adapters(tmp_path_factory.mktemp("adapters"), tiny_qmodel_dir)
+    """The json-bot and fox-bot run folders on the 4-bit tiny llama (built, not trained)."""
+    return answer_adapters(tmp_path_factory.mktemp("adapters"), tiny_qmodel_dir)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +94,11 @@ def _ask(client, model, messages=QUESTION, **kw):
 def test_models_listed_and_each_gives_its_own_answer(server, tiny_qmodel_dir):
     client = server.client()
     base = str(tiny_qmodel_dir)
-    assert [m.id for m in client.models.list()] == [base, "json-bot", "alpha-bot"]
-    answers = {name: _ask(client, name) for name in (base, "json-bot", "alpha-bot")}
+    assert [m.id for m in client.models.list()] == [base, "json-bot", "fox-bot"]
+    answers = {name: _ask(client, name) for name in (base, "json-bot", "fox-bot")}
     texts = {name: r.choices[0].message.content for name, r in answers.items()}
     assert texts["json-bot"].startswith(ANSWERS["json-bot"])
-    assert texts["alpha-bot"].startswith(ANSWERS["alpha-bot"])
+    assert texts["fox-bot"].startswith(ANSWERS["fox-bot"])
     assert len(set(texts.values())) == 3
     assert not any(texts[base].startswith(a[:5]) for a in ANSWERS.values())
     r = answers["json-bot"]
@@ -110,9 +113,9 @@ def test_models_listed_and_each_gives_its_own_answer(server, tiny_qmodel_dir):
 
 def test_streaming_chat_and_completions_match_the_whole_answer(server):
     client = server.client()
-    reply = _ask(client, "alpha-bot")
+    reply = _ask(client, "fox-bot")
     whole = reply.choices[0].message.content
-    chunks = list(_ask(client, "alpha-bot", stream=True,
+    chunks = list(_ask(client, "fox-bot", stream=True,
                        stream_options={"include_usage": True}))
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert len(deltas) > 2 and "".join(deltas) == whole
@@ -130,7 +133,7 @@ def test_streaming_chat_and_completions_match_the_whole_answer(server):
 
 def test_concurrent_async_requests_to_both_adapters_never_mix(server, tiny_qmodel_dir):
     client = server.client()
-    names = ["json-bot", "alpha-bot", str(tiny_qmodel_dir)]
+    names = ["json-bot", "fox-bot", str(tiny_qmodel_dir)]
     alone = {n: _ask(client, n).choices[0].message.content for n in names}
 
     async def many():
@@ -146,8 +149,8 @@ def test_concurrent_async_requests_to_both_adapters_never_mix(server, tiny_qmode
 
 def test_stop_strings_and_seeds(server):
     client = server.client()
-    r = _ask(client, "alpha-bot", stop=["bravo"])
-    assert r.choices[0].message.content == "alpha " and r.choices[0].finish_reason == "stop"
+    r = _ask(client, "fox-bot", stop=["fox"])
+    assert r.choices[0].message.content == "quick " and r.choices[0].finish_reason == "stop"
     a, b = (_ask(client, "json-bot", temperature=1.5, top_p=0.95, seed=7).choices[0]
             .message.content for _ in range(2))
     assert a == b
@@ -193,19 +196,19 @@ def test_lru_eviction_unload_reload_and_rank_refusal(small_server, runs, tmp_pat
     client = small_server.client(key="none")
     _ask(client, "json-bot")
     assert small_server.raw("GET", "/health")[1]["resident_adapters"] == ["json-bot"]
-    assert _ask(client, "alpha-bot").choices[0].message.content.startswith("alpha bravo")
-    assert small_server.raw("GET", "/health")[1]["resident_adapters"] == ["alpha-bot"]
+    assert _ask(client, "fox-bot").choices[0].message.content.startswith(ANSWERS["fox-bot"])
+    assert small_server.raw("GET", "/health")[1]["resident_adapters"] == ["fox-bot"]
     adapters = {a["name"]: a for a in small_server.raw("GET", "/v1/adapters")[1]["data"]}
     assert not adapters["json-bot"]["resident"] and adapters["json-bot"]["in_host_memory"]
     # Evicted, not forgotten: it comes back on its next request with the same answer.
     assert _ask(client, "json-bot").choices[0].message.content.startswith(ANSWERS["json-bot"])
-    assert small_server.raw("DELETE", "/v1/adapters/alpha-bot")[0] == 200
+    assert small_server.raw("DELETE", "/v1/adapters/fox-bot")[0] == 200
     with pytest.raises(openai.NotFoundError):
-        _ask(client, "alpha-bot")
+        _ask(client, "fox-bot")
     status, _ = small_server.raw("POST", "/v1/load_lora_adapter",
-                                 {"lora_name": "alpha-bot", "lora_path": str(runs["alpha-bot"])})
+                                 {"lora_name": "fox-bot", "lora_path": str(runs["fox-bot"])})
     assert status == 200
-    assert _ask(client, "alpha-bot").choices[0].message.content.startswith("alpha bravo")
+    assert _ask(client, "fox-bot").choices[0].message.content.startswith(ANSWERS["fox-bot"])
     big = tmp_path / "rank16"
     shutil.copytree(runs["json-bot"], big)
     cfg = json.loads((big / "adapter_config.json").read_text())
@@ -247,6 +250,6 @@ def test_run_folder_serves_its_adapter_or_fuses_it_in_memory(runs):
     assert fused.names() == [run.name] and not fused.adapters
     prompt = fused.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True,
                                                  tokenize=False)
-    assert generate(fused.model, fused.tokenizer, prompt, max_tokens=12).startswith('{"ok"')
+    assert generate(fused.model, fused.tokenizer, prompt, max_tokens=12).startswith(ANSWERS["json-bot"])
     with pytest.raises(MlxtuneError, match="--fuse needs --run"):
         build_registry(model=str(run), fuse=True)
