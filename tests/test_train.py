@@ -1,59 +1,69 @@
-"""mlxtune train on a tiny random llama: learning, masking, resume after SIGKILL, NaN, dry run."""
+"""mlxtune train on a tiny random llama: learning, masking, resume after SIGKILL, NaN, dry run.
+
+Training tests assert what holds on every CPU (the loss falls by a wide factor at a learning rate
+where the run is stable; stock mlx-lm sees what we saved), never an exact answer after a few
+steps: at 5e-3 this run's final loss was 1.8, 2.4 or 3.3 depending on the BLAS kernel alone."""
 
 import json
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 import pytest
 
 from mlxtune.errors import MlxtuneError
 from mlxtune.train.data import tokenize_chat
 from mlxtune.train.run import run_training
-from tests.adapters import write_data
+from tests.adapters import train_config as _config
 
-ANSWER = '{"ok": true}'
-
-
-def _write_data(folder: Path, n_train=32, n_valid=8):
-    return write_data(folder, ANSWER, n_train, n_valid)
+# Rerun under every compute variant by ./scripts/test.sh --variants (losses of real training runs).
+pytestmark = pytest.mark.numerics
 
 
-def _config(tmp_path, model_dir, **extra):
-    config = {"model": str(model_dir), "data": str(_write_data(tmp_path / "data")),
-              "adapter_path": str(tmp_path / "run"), "batch_size": 4, "iters": 40,
-              "learning_rate": 5e-3, "num_layers": -1, "mask_prompt": True,
-              "steps_per_report": 5, "steps_per_eval": 20, "save_every": 10, "val_batches": -1,
-              "lora_parameters": {"rank": 8, "scale": 2.0}, **extra}
-    path = tmp_path / "config.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
+def _val_losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
 
 
-def test_qlora_lowers_val_loss_and_teaches_the_answer(tmp_path, tiny_qmodel_dir):
-    from mlx_lm import generate, load
+def _answer_loss(model, tokenizer, data_file) -> float:
+    """Mean cross-entropy over the assistant tokens of a chat JSONL, computed here with plain MLX."""
+    total = count = 0.0
+    for line in data_file.read_text().splitlines():
+        ex = tokenize_chat(tokenizer, json.loads(line)["messages"], mask_prompt=True)
+        tokens, mask = mx.array(ex.tokens), mx.array(ex.loss_mask[1:])
+        logits = model(tokens[None, :-1])[0].astype(mx.float32)
+        losses = nn.losses.cross_entropy(logits, tokens[1:]) * mask
+        total += losses.sum().item()
+        count += mask.sum().item()
+    return total / count
+
+
+def test_qlora_lowers_val_loss_and_stock_mlx_lm_loads_what_it_learned(tmp_path, tiny_qmodel_dir):
+    from mlx_lm import load
 
     result = run_training(_config(tmp_path, tiny_qmodel_dir), say=lambda s: None)
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    vals = [r["val_loss"] for r in rows if "val_loss" in r]
-    assert [r["step"] for r in rows if "val_loss" in r] == [0, 20, 40]
-    assert vals[-1] < 0.5 * vals[0]
+    (s0, v0), (s1, _), (s2, v2) = _val_losses(result.run_dir)
+    assert (s0, s1, s2) == (0, 20, 40)
+    assert v2 < 0.5 * v0  # 5.97 -> 1.64 on every variant tried; chance would stay near ln(323)
     assert all(set(r) <= {"step", "train_loss", "val_loss", "learning_rate", "tokens_per_sec",
                           "peak_memory_gb"} for r in rows)
     for name in ("adapters.safetensors", "adapter_config.json", "config.yaml", "loss.png",
                  "best/adapters.safetensors"):
         assert (result.run_dir / name).is_file(), name
-    # Stock mlx-lm loads the run folder as an adapter and now gives the trained answer.
-    model, tokenizer = load(str(tiny_qmodel_dir), adapter_path=str(result.run_dir))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "quick brown fox"}],
-                                           add_generation_prompt=True, tokenize=False)
-    assert generate(model, tokenizer, prompt, max_tokens=12).startswith(ANSWER)
+    # Stock mlx-lm loads the run folder as an adapter, and by its own forward pass the adapter
+    # has learned the validation answers: what we saved is what we trained.
+    valid = tmp_path / "data" / "valid.jsonl"
+    tuned, tokenizer = load(str(tiny_qmodel_dir), adapter_path=str(result.run_dir))
     base, _ = load(str(tiny_qmodel_dir))
-    assert not generate(base, tokenizer, prompt, max_tokens=12).startswith(ANSWER)
+    tuned_loss = _answer_loss(tuned, tokenizer, valid)
+    assert tuned_loss < 0.5 * _answer_loss(base, tokenizer, valid)
+    assert tuned_loss == pytest.approx(v2, rel=0.05)
 
 
 def test_mask_covers_every_assistant_turn_and_its_end_token(tiny_model_dir):
@@ -68,12 +78,28 @@ def test_mask_covers_every_assistant_turn_and_its_end_token(tiny_model_dir):
     assert tokenize_chat(tok, messages, mask_prompt=False).loss_mask.all()
 
 
-def test_dora_and_full_train(tmp_path, tiny_model_dir):
+def test_dora_and_full_train_lower_the_loss_and_move_their_weights(tmp_path, tiny_model_dir):
+    from mlx_lm import load
+
+    base, _ = load(str(tiny_model_dir))
+    base_weights = dict(tree_flatten(base.parameters()))
     for kind in ("dora", "full"):
         result = run_training(_config(tmp_path / kind, tiny_model_dir, fine_tune_type=kind,
-                                      iters=4, steps_per_eval=4), say=lambda s: None)
+                                      iters=10, steps_per_eval=10), say=lambda s: None)
         cfg = json.loads((result.run_dir / "adapter_config.json").read_text())
-        assert cfg["fine_tune_type"] == kind and result.steps == 4
+        assert cfg["fine_tune_type"] == kind and result.steps == 10
+        (_, v0), (_, v1) = _val_losses(result.run_dir)
+        assert v1 < 0.6 * v0  # 6.0 -> 1.9 (DoRA), 1.6 (full)
+        saved = mx.load(str(result.run_dir / "adapters.safetensors"))
+        if kind == "dora":  # lora_b starts at zero and the magnitudes at the weights' norms
+            assert all(mx.abs(v).max().item() > 0 for k, v in saved.items()
+                       if k.endswith("lora_b"))
+            moved = [k for k, v in saved.items() if k.endswith(".m") and not mx.allclose(
+                v, mx.linalg.norm(base_weights[k[:-2] + ".weight"], axis=1))]
+        else:  # every weight of the trained blocks is saved, and they all moved
+            assert set(saved) == {k for k in base_weights if k.startswith("model.layers.")}
+            moved = [k for k, v in saved.items() if not mx.allclose(v, base_weights[k])]
+        assert len(moved) == len([k for k in saved if kind == "full" or k.endswith(".m")])
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, tiny_qmodel_dir):
