@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-./scripts/setup.sh
+# DEMO_SETUP=0 skips the install step (tests/test_demo.py: a test installs nothing).
+if [ "${DEMO_SETUP:-1}" != 0 ]; then
+  ./scripts/setup.sh
+fi
 MLXTUNE=.venv/bin/mlxtune
 OUT=${DEMO_OUT:-demo}
 PORT=${DEMO_PORT:-8765}

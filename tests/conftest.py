@@ -6,9 +6,28 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 
 from tests.tiny import make_tiny_llama  # noqa: E402
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail any test that opens a connection beyond this machine's loopback (in-process)."""
+    for name in ("connect", "connect_ex"):
+        real = getattr(socket.socket, name)
+
+        def guarded(self, address, _real=real):
+            if self.family in (socket.AF_INET, socket.AF_INET6) \
+                    and not str(address[0]).startswith(_LOOPBACK):
+                raise AssertionError(f"a test tried to reach the network: {address}")
+            return _real(self, address)
+
+        monkeypatch.setattr(socket.socket, name, guarded)
 
 
 @pytest.fixture(autouse=True)

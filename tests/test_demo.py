@@ -25,7 +25,8 @@ def test_demo_script_runs_every_step_and_leaves_loadable_artifacts(tmp_path):
     from mlx_lm.utils import load_adapters
 
     out, port = tmp_path / "demo", _free_port()
-    env = dict(os.environ, DEMO_OUT=str(out), DEMO_PORT=str(port),
+    # The suite's own setup already ran (scripts/test.sh): the demo must not install anything.
+    env = dict(os.environ, DEMO_OUT=str(out), DEMO_PORT=str(port), DEMO_SETUP="0",
                DEMO_TRAIN_ARGS="--set iters=4 --set steps_per_eval=4 --set save_every=4",
                DEMO_EVAL_ARGS="--limit 4")
     proc = subprocess.run([str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True,

@@ -13,7 +13,7 @@ from mlxtune.train.config import launch_command, load_train_config
 from mlxtune.train.run import run_training
 from tests.adapters import train_config as _config
 
-# Rerun under every compute variant by ./scripts/test.sh --variants (ranks against one process).
+# Ranks against one process: rerun per compute variant (test.sh --variants).
 pytestmark = pytest.mark.numerics
 
 

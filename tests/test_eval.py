@@ -19,7 +19,7 @@ from mlxtune.evaluate import metrics as M
 from mlxtune.evaluate.stats import paired_bootstrap
 from tests.adapters import ANSWERS, answer_adapters
 
-# Rerun under every compute variant by ./scripts/test.sh --variants (greedy answers scored).
+# Greedy answers scored: rerun per compute variant (test.sh --variants).
 pytestmark = pytest.mark.numerics
 
 ANSWER = ANSWERS["json-bot"]

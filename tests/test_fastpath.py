@@ -15,6 +15,9 @@ from mlx_lm.utils import load_model
 
 from mlxtune.fastpath import DequantizedEmbedding, DequantizedLinear, prepare_for_training
 
+# The CPU path against mlx-lm's: rerun per compute variant (test.sh --variants).
+pytestmark = pytest.mark.numerics
+
 
 def _lora_model(model_dir, fast: bool, layers: int = 2, dora: bool = False):
     model, _ = load_model(model_dir)

@@ -12,7 +12,7 @@ from mlxtune.errors import MlxtuneError
 from mlxtune.fuse import fuse
 from tests.adapters import ANSWERS, answer_adapters
 
-# Rerun under every compute variant by ./scripts/test.sh --variants (fused weights and logits).
+# Fused weights and logits: rerun per compute variant (test.sh --variants).
 pytestmark = pytest.mark.numerics
 
 PROMPTS = ["quick brown fox", "lazy dog France", "alpha capital fox"]

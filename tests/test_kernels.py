@@ -7,6 +7,10 @@ import mlx.core as mx
 import pytest
 
 from mlxtune import cpu_math, kernels
+from mlxtune.blas import switched_off
+
+# Compiled kernels against MLX's ops: rerun per compute variant (test.sh --variants).
+pytestmark = pytest.mark.numerics
 
 
 def _mlx_ops(monkeypatch):
@@ -16,6 +20,10 @@ def _mlx_ops(monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup builds them on Linux")
 def test_built_and_loaded_on_linux():
+    if switched_off(kernels.OFF_VAR):  # the kernels-off variant of test.sh --variants
+        assert kernels.dequantize is None and kernels.softmax_parts is None
+        assert kernels.status() == "turned off (MLXTUNE_CPU_KERNELS=0)"
+        return
     assert kernels.dequantize is not None, kernels.status()
     assert kernels.status().startswith("in use")
 

@@ -17,6 +17,9 @@ from mlxtune.models.gguf import _unpermute_rows
 from mlxtune.models.info import model_info
 from mlxtune.models.resolve import resolve_model
 
+# Logits of converted models: rerun per compute variant (test.sh --variants).
+pytestmark = pytest.mark.numerics
+
 PROMPT = "What is the capital of France?"
 
 

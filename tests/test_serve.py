@@ -18,7 +18,7 @@ import pytest
 from mlxtune.errors import MlxtuneError
 from tests.adapters import ANSWERS, answer_adapters
 
-# Rerun under every compute variant by ./scripts/test.sh --variants (greedy answers through the server).
+# Greedy answers through the server: rerun per compute variant (test.sh --variants).
 pytestmark = pytest.mark.numerics
 
 KEY = "test-key"

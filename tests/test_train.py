@@ -21,7 +21,7 @@ from mlxtune.train.data import tokenize_chat
 from mlxtune.train.run import run_training
 from tests.adapters import train_config as _config
 
-# Rerun under every compute variant by ./scripts/test.sh --variants (losses of real training runs).
+# Losses of real training runs: rerun per compute variant (test.sh --variants).
 pytestmark = pytest.mark.numerics
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from mlxtune.train.run import run_training
 
-# Rerun under every compute variant by ./scripts/test.sh --variants (a real model's training).
+# A real model's training: rerun per compute variant (test.sh --variants).
 pytestmark = pytest.mark.numerics
 
 NAMES = ["Ada", "Bob", "Cyrus", "Dana", "Eve", "Farid", "Gita", "Hugo", "Ines", "Jamal"]
