@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_train.py            # the three legs (stock: 35+ min on 2 cores)
     .venv/bin/python scripts/bench_train.py --legs mlxtune,peft --rounds 3   # ~4 minutes
     .venv/bin/python scripts/bench_train.py --7b       # also: peak memory of a 7B-shaped step
+    .venv/bin/python scripts/bench_train.py --legs mlxtune,peft --profile   # where time goes
 
 Same job for every leg: the built-in 4-bit SmolLM2-135M, the same token batches (4 x 64,
 generated deterministically and tokenized once here), LoRA rank 8 on q_proj and v_proj of the
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_profile  # noqa: E402  (scripts/, beside this file)
 
 BATCH, SEQ, RANK, LAYERS, KEYS, SCALE, LR = 4, 64, 8, 8, ["q_proj", "v_proj"], 20.0, 1e-5
 _SUBJECTS = ["the sea", "a lighthouse", "bread", "a bicycle", "winter", "prime numbers", "bees",
@@ -62,12 +64,14 @@ def _time_steps(step, batches, warmup: int) -> dict:
     losses, start = [], None
     for i, batch in enumerate(batches):
         if i == warmup:
+            bench_profile.switch(True)
             start = time.perf_counter()
         tick = time.perf_counter()
         losses.append(step(batch))
         print(f"  step {i + 1}/{len(batches)}: loss {losses[-1]:.4f}, "
               f"{time.perf_counter() - tick:.2f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
+    bench_profile.switch(False)
     timed = len(batches) - warmup
     return {"losses": losses, "s_per_step": seconds / timed,
             "tokens_per_s": timed * BATCH * SEQ / seconds}
@@ -116,9 +120,15 @@ def leg_mlxtune(rows, warmup: int) -> dict:
         ticks.append(time.perf_counter())
         print(f"  step {step}/{len(batches)}: loss {loss:.4f}, {ticks[-1] - ticks[-2]:.2f} s",
               file=sys.stderr, flush=True)
+        if step == warmup:  # perf counts the timed steps only
+            bench_profile.switch(True)
+            ticks[-1] = time.perf_counter()
 
     mx.reset_peak_memory()
+    if warmup == 0:
+        bench_profile.switch(True)
     train(model, optimizer, stream, len(batches), on_step=on_step)
+    bench_profile.switch(False)
     seconds = ticks[-1] - ticks[warmup]
     timed = len(batches) - warmup
     return {"losses": losses, "s_per_step": seconds / timed,
@@ -276,16 +286,49 @@ def _leg_env(name: str) -> dict:
     return env
 
 
-def _run_leg(name: str, data: Path, warmup: int) -> dict | None:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+def _run_leg(name: str, data: Path, warmup: int, profile: bool = False) -> dict | None:
+    """One leg in its own process (under perf when profiling); its result dict."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "result.json"
         cmd = [sys.executable, __file__, "--leg", name, "--data", str(data),
-               "--warmup", str(warmup), "--result", out.name]
+               "--warmup", str(warmup), "--result", str(out)]
+        env = _leg_env(name)
+        if profile:
+            cmd, env, perf_data = bench_profile.profiled(cmd, env, Path(scratch))
         print(f"bench: running {name} ...", flush=True)
-        proc = subprocess.run(cmd, env=_leg_env(name))
+        proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
             print(f"bench: {name} failed (exit {proc.returncode})", flush=True)
             return None
-        return json.loads(Path(out.name).read_text())
+        result = json.loads(out.read_text())
+        if profile:
+            steps = len(result["losses"]) - warmup
+            result["profile"] = bench_profile.breakdown(perf_data, steps)
+        return result
+
+
+def _step_gflop() -> float:
+    from mlxtune.models.resolve import resolve_model
+
+    config = json.loads((resolve_model("smollm2-135m") / "config.json").read_text())
+    return bench_profile.step_gflop(config, BATCH, SEQ, LAYERS)
+
+
+def _blas_peaks(legs: list[str]) -> dict[str, float | None]:
+    """Each framework's BLAS peak here, measured with the environment its leg runs in."""
+    peaks = {"MLX with mlxtune's BLAS": bench_profile.blas_peak(_leg_env("mlxtune"),
+                                                                sys.executable)}
+    if "peft" in legs:
+        peaks["PyTorch"] = bench_profile.blas_peak(_leg_env("peft"), sys.executable, "torch")
+    return peaks
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
+            else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def _median_run(runs: list[dict | None]) -> dict | None:
@@ -314,6 +357,8 @@ def main() -> int:
                    help="comma list of mlxtune, mlx_lm, mlx_lm+openblas, peft")
     p.add_argument("--7b", dest="seven_b", action="store_true",
                    help="also one QLoRA step of a 7B-shaped llama at batch 1 x 512 (minutes)")
+    p.add_argument("--profile", action="store_true",
+                   help="also sample the timed steps with perf: where each leg's time goes")
     p.add_argument("--leg", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -330,6 +375,9 @@ def main() -> int:
 
     legs = [leg for leg in args.legs.split(",") if leg]
     runs = {name: [] for name in legs}
+    if args.profile and (why := bench_profile.perf_available()):
+        print(f"bench: --profile ignored: {why}")
+        args.profile = False
     with tempfile.TemporaryDirectory() as tmp:
         # Fast legs alternate round by round, so a slow spell of a shared machine hits both.
         for round_ in range(args.rounds):
@@ -341,14 +389,19 @@ def main() -> int:
                 steps = args.stock_steps if stock else args.steps
                 data = Path(tmp) / f"{name}.json"
                 data.write_text(json.dumps(make_tokens((warmup + steps) * BATCH)))
-                runs[name].append(_run_leg(name, data, warmup))
+                runs[name].append(_run_leg(name, data, warmup, args.profile and not stock))
         results = {name: _median_run(r) for name, r in runs.items()}
         if args.seven_b:
             results["7b"] = _run_leg("7b", Path(tmp) / "none", 0)
 
+    gflop, peaks = _step_gflop(), _blas_peaks(legs)
     print(f"\nQLoRA, built-in SmolLM2-135M 4-bit, batch {BATCH} x {SEQ}, rank {RANK}, "
-          f"{'+'.join(KEYS)} of the last {LAYERS} layers, AdamW; {os.cpu_count()} cores")
-    print(f"{'leg':>16} {'tokens/s':>9} {'s/step':>8} {'peak GB':>8} {'max RSS GB':>10}  first losses"
+          f"{'+'.join(KEYS)} of the last {LAYERS} layers, AdamW; {os.cpu_count()} cores, "
+          f"{_cpu_name()}")
+    print(f"one step is {gflop:.1f} GFLOP; BLAS peak (1024^3 fp32 matmul): " + ", ".join(
+        f"{k} {_fmt(v, '.0f')} GFLOP/s" for k, v in peaks.items()))
+    print(f"{'leg':>16} {'tokens/s':>9} {'s/step':>8} {'GFLOP/s':>8} {'peak GB':>8} "
+          f"{'max RSS GB':>10}  first losses"
           + (f"   (median of {args.rounds} rounds)" if args.rounds > 1 else ""))
     for name in legs:
         r = results[name]
@@ -357,6 +410,7 @@ def main() -> int:
             continue
         losses = " ".join(f"{x:.4f}" for x in r["losses"][:3])
         print(f"{name:>16} {r['tokens_per_s']:9.1f} {r['s_per_step']:8.2f} "
+              f"{gflop / r['s_per_step']:8.1f} "
               f"{_fmt(r['peak_gb'], '8.2f'):>8} {r['rss_gb']:10.2f}  {losses}")
     fast = results.get("mlxtune")
     for other in ("mlx_lm", "mlx_lm+openblas", "peft"):
@@ -368,6 +422,10 @@ def main() -> int:
             if len(pairs) > 1:
                 print("  per round (side by side): " + ", ".join(
                     f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x" for a, b in pairs))
+    for name in legs:
+        if results[name] and "profile" in results[name]:
+            print("\n" + bench_profile.format_breakdown(name, results[name]["profile"],
+                                                        results[name]["s_per_step"]))
     if args.seven_b and results.get("7b"):
         r = results["7b"]
         print(f"\n7B-shaped llama, random 4-bit weights ({r['weights_gb']:.2f} GB), LoRA on "
