@@ -188,17 +188,37 @@ def _fused_head(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
-    """Each position's cross-entropy of the next-token prediction against `targets` (fp32).
+def _output_head(model: nn.Module):
+    """The output projection of a STANDARD model as a callable (the tied embedding or lm_head)."""
+    if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+        return model.model.embed_tokens.as_linear
+    return model.lm_head
+
+
+def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array,
+                 rows: mx.array | None = None) -> mx.array:
+    """Each position's cross-entropy of the next-token prediction against `targets` (fp32); with
+    `rows` (positions in the flattened batch), only those positions', as a vector.
 
     Training on the CPU path fuses the output projection with the loss (no logits kept, one exp
-    per logit); evaluation, other backends and other architectures go through the logits.
+    per logit); evaluation, other backends and other architectures go through the logits. With
+    `rows`, a STANDARD model projects only those positions onto the vocabulary: the head, the
+    largest matmul of a small model, skips the tokens that carry no loss (prompt, padding).
     """
+    standard = type(model).__module__ in STANDARD
+    if rows is not None and standard:
+        h = model.model(inputs)
+        h, targets = h.reshape(-1, h.shape[-1])[rows], targets.reshape(-1)[rows]
+        head = _fused_head(model) if model.training else None
+        if head is not None:
+            return linear_cross_entropy(h, head, targets)
+        return nn.losses.cross_entropy(_output_head(model)(h).astype(mx.float32), targets)
     head = _fused_head(model) if model.training else None
     if head is not None:
-        return linear_cross_entropy(model.model(inputs), head, targets)
-    logits = model(inputs).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, targets)
+        losses = linear_cross_entropy(model.model(inputs), head, targets)
+    else:
+        losses = nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+    return losses if rows is None else losses.reshape(-1)[rows]
 
 
 def prepare_for_training(model: nn.Module, backend: str | None = None) -> nn.Module:

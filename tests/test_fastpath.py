@@ -161,3 +161,25 @@ def test_custom_vjp_keeps_memory_of_a_4bit_model():
     assert naive > 6 * one_layer_fp32, (naive, fast, weights)
     # Custom VJP: about one layer's fp32 weight at a time plus small activations.
     assert fast < 2.5 * one_layer_fp32, (naive, fast, weights)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_loss_on_trained_rows_only_equals_the_masked_full_loss(tiny_qmodel_dir, fast, training):
+    """masked_loss with the trained positions (the head projects only those) gives the same loss
+    and LoRA gradients as the full logits masked afterwards, fused CPU path or not."""
+    from mlxtune.train.loop import ROW_BUCKET, masked_loss, trained_rows
+
+    model = _lora_model(tiny_qmodel_dir, fast)
+    model.train(training)
+    tokens = mx.random.randint(0, 300, (3, 41), key=mx.random.key(7))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = (mx.arange(40)[None] >= mx.array([[25], [3], [40]])).astype(mx.float32)  # one empty
+    rows = trained_rows(mask)
+    assert rows.shape == (ROW_BUCKET,) and mask.reshape(-1)[rows].sum().item() == 15 + 37
+    full = nn.value_and_grad(model, lambda m: masked_loss(m, inputs, targets, mask)[0])(model)
+    some = nn.value_and_grad(model, lambda m: masked_loss(m, inputs, targets, mask, rows)[0])(model)
+    np.testing.assert_allclose(some[0].item(), full[0].item(), rtol=1e-5)
+    for (k, a), (_, b) in zip(tree_flatten(full[1]), tree_flatten(some[1])):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=k)
+    assert trained_rows(mx.ones((2, 5))) is None  # nothing to skip: the full path
