@@ -100,6 +100,8 @@ class Source:
             raise DataError(f"{self.path}: not UTF-8 ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{self.path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{self.path}: {_TOO_DEEP}") from None
         self._tell = lambda: self.size
         for i, item in enumerate(_records_in(data, self.path), 1):
             yield i, item
@@ -137,6 +139,8 @@ class Source:
                     try:
                         item, end = decoder.raw_decode(buf, pos)
                         break
+                    except RecursionError:
+                        raise DataError(f"{self.path}: item {index + 1}: {_TOO_DEEP}") from None
                     except json.JSONDecodeError as e:
                         if eof or len(buf) - pos > _MAX_ITEM:
                             raise DataError(f"{self.path}: item {index + 1}: not valid JSON "
@@ -242,6 +246,11 @@ def _read(f: io.TextIOWrapper, path: Path, size: int = _CHUNK) -> str:
         raise DataError(f"{path}: not UTF-8 ({e.reason})") from None
 
 
+# Python's JSON parser recurses once per nesting level and gives up near 1000; no training
+# record is nested like that, so such input is reported like any other broken JSON.
+_TOO_DEEP = "JSON nested too deeply to be a training record"
+
+
 def _parse_json_line(line: bytes) -> object:
     try:
         return json.loads(line.decode("utf-8"))
@@ -249,6 +258,8 @@ def _parse_json_line(line: bytes) -> object:
         return Malformed(f"not valid JSON ({e.msg} at column {e.colno})")
     except UnicodeDecodeError as e:
         return Malformed(f"not UTF-8 ({e.reason})")
+    except RecursionError:
+        return Malformed(_TOO_DEEP)
 
 
 def _row_dict(header: list[str], cells: list[str]) -> object:

@@ -73,13 +73,29 @@ def _example_kind(record: dict, path: Path, line_no: int) -> str:
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2's errors and the template's own raise_exception()
+        raise DataError(f"the model's chat template refused these messages: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_messages(messages: object) -> None:
+    """A chat example's messages: a non-empty list of {"role": str, "content": str}."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError("'messages' must be a non-empty list of {role, content} messages")
+    for i, m in enumerate(messages, 1):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise DataError(f"message {i} is not a {{role, content}} pair of strings: "
+                            f"{json.dumps(m)[:80]}")
 
 
 def tokenize_chat(tokenizer, messages: list[dict], mask_prompt: bool) -> Tokenized:
     """Token ids of a conversation; with `mask_prompt`, loss only on assistant turns and their end."""
+    check_messages(messages)
     tokens = _render(tokenizer, messages)
     mask = np.ones(len(tokens), dtype=bool)
     if mask_prompt:
@@ -123,7 +139,10 @@ def load_split(path: Path, tokenizer, mask_prompt: bool, max_seq_length: int) ->
                 continue
             record = _parse(line, path, line_no)
             _example_kind(record, path, line_no)
-            ex = tokenize_record(tokenizer, record, mask_prompt)
+            try:
+                ex = tokenize_record(tokenizer, record, mask_prompt)
+            except DataError as e:
+                raise DataError(f"{path}:{line_no}: {e}") from None
             # Inputs are tokens[:-1] and targets tokens[1:], so keep one token more than the window.
             ex = Tokenized(ex.tokens[: max_seq_length + 1], ex.loss_mask[: max_seq_length + 1])
             if ex.loss_mask[1:].any():
