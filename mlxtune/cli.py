@@ -218,12 +218,14 @@ def serve(
                                       "rank."),
     max_batch: int = typer.Option(8, "--max-batch", help="Requests for one adapter generated "
                                   "together."),
+    max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests that may wait beyond "
+                                  "the running batch; more get 429 with Retry-After."),
 ) -> None:
     """Serve a base model and its adapters with an OpenAI-compatible HTTP API."""
     from mlxtune.serve import serve as run_server
 
     run_server(model, adapters, run, fuse_run, host, port, api_key, max_loras, max_lora_rank,
-               max_batch)
+               max_batch, max_queue)
 
 
 @app.command()

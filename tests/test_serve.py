@@ -28,7 +28,7 @@ QUESTION = [{"role": "user", "content": "quick brown fox"}]
 class Server:
     """uvicorn serving create_app(registry) in a thread, on a port the OS picked."""
 
-    def __init__(self, registry, api_key=KEY):
+    def __init__(self, registry, api_key=KEY, **app_options):
         import uvicorn
 
         from mlxtune.serve import bind_socket
@@ -37,7 +37,8 @@ class Server:
         sock = bind_socket("127.0.0.1", 0)
         self.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.registry = registry
-        self.server = uvicorn.Server(uvicorn.Config(create_app(registry, api_key=api_key),
+        self.server = uvicorn.Server(uvicorn.Config(create_app(registry, api_key=api_key,
+                                                               **app_options),
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                        daemon=True)
@@ -253,3 +254,112 @@ def test_run_folder_serves_its_adapter_or_fuses_it_in_memory(runs):
     assert generate(fused.model, fused.tokenizer, prompt, max_tokens=12).startswith(ANSWERS["json-bot"])
     with pytest.raises(MlxtuneError, match="--fuse needs --run"):
         build_registry(model=str(run), fuse=True)
+
+
+def test_every_field_works_or_is_refused_by_name(server):
+    client = server.client()
+    for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                         ("frequency_penalty", 0.5), ("logprobs", True), ("bogus", 1),
+                         ("response_format", {"type": "json_object"})]:
+        status, body = server.raw("POST", "/v1/chat/completions",
+                                  {"model": "json-bot", "messages": QUESTION, field: value})
+        assert status == 400 and body["error"]["param"] == field, (field, body)
+        assert body["error"]["code"] == "unsupported_parameter"
+    # Neutral values that clients send by default are accepted.
+    r = _ask(client, "json-bot", frequency_penalty=0, presence_penalty=0.0, logprobs=False, n=1)
+    assert r.choices[0].message.content.startswith(ANSWERS["json-bot"])
+    status, body = server.raw("POST", "/v1/completions", {"model": "json-bot", "prompt": "x",
+                                                          "messages": QUESTION})
+    assert status == 400 and body["error"]["param"] == "messages"
+
+
+def test_completion_prompts_as_lists_and_token_ids(server):
+    client = server.client()
+    text = "<|im_start|>user\nquick brown fox<|im_end|>\n<|im_start|>assistant\n"
+    other = "<|im_start|>user\nlazy dog<|im_end|>\n<|im_start|>assistant\n"
+    ids = server.registry.tokenizer.encode(text)
+    one = client.completions.create(model="fox-bot", prompt=text, max_tokens=8, temperature=0)
+    two = client.completions.create(model="fox-bot", prompt=[text, other], max_tokens=8,
+                                    temperature=0)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].text == one.choices[0].text
+    assert two.choices[1].text.startswith(ANSWERS["fox-bot"])
+    by_ids = client.completions.create(model="fox-bot", prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == one.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+    batch = client.completions.create(model="fox-bot", prompt=[ids, ids], max_tokens=8,
+                                      temperature=0)
+    assert [c.text for c in batch.choices] == [one.choices[0].text] * 2
+    for bad in ([], [1, "a"], [[1], [-2]], {"text": text}, [10**9]):
+        status, body = server.raw("POST", "/v1/completions", {"model": "fox-bot", "prompt": bad})
+        assert status == 400 and body["error"]["param"] == "prompt", (bad, body)
+
+
+def test_bodies_are_bounded_before_parsing(server):
+    deep = b'{"model": "json-bot", "messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    status, body = server.raw("POST", "/v1/chat/completions", deep)
+    assert status == 400 and "nested too deeply" in body["error"]["message"]
+    from mlxtune.serve.requests import MAX_BODY_BYTES
+
+    huge = json.dumps({"model": "json-bot", "prompt": "x" * MAX_BODY_BYTES}).encode()
+    status, body = server.raw("POST", "/v1/completions", huge)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+def test_overload_gets_429_with_retry_after_and_the_rest_are_answered(runs, tiny_qmodel_dir):
+    """64 concurrent requests (loopback only) while the model's worker is held: 8 + 8 are
+    admitted, the other 48 are refused at once; once the worker runs, every admitted one gets its
+    right answer, no 5xx, and /health answers."""
+    from mlxtune.serve import build_registry
+
+    registry = build_registry(str(tiny_qmodel_dir), [f"{n}={p}" for n, p in runs.items()],
+                              say=lambda s: None)
+    srv = Server(registry, api_key=None, max_batch=8, max_queue=8)
+    gate = threading.Event()
+    held = srv.server.config.app.state.generator.call(gate.wait, 60)
+
+    async def flood():
+        client = openai.AsyncOpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0)
+
+        async def one(i):
+            try:
+                return await client.chat.completions.create(
+                    model=["json-bot", "fox-bot"][i % 2], messages=QUESTION, temperature=0,
+                    max_tokens=12)
+            except openai.APIStatusError as e:
+                return e
+
+        tasks = [asyncio.create_task(one(i)) for i in range(64)]
+        # Every request has been admitted or refused before the worker is let go.
+        while sum(t.done() for t in tasks) < 48:
+            await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    try:
+        replies = asyncio.run(flood())
+        held.result(timeout=60)
+        refused = [r for r in replies if isinstance(r, openai.APIStatusError)]
+        assert len(refused) == 48 and {r.status_code for r in refused} == {429}
+        for r in refused:
+            assert r.response.headers["retry-after"] == "1" and r.code == "server_busy"
+        for i, r in enumerate(replies):
+            if not isinstance(r, openai.APIStatusError):
+                want = ANSWERS[["json-bot", "fox-bot"][i % 2]]
+                assert r.choices[0].message.content.startswith(want)
+        status, health = srv.raw("GET", "/health", key=None)
+        assert status == 200 and health["requests_in_progress"] == 0
+        # A client that gives up frees its place while the worker is still busy.
+        gate.clear()
+        held = srv.server.config.app.state.generator.call(gate.wait, 60)
+        with pytest.raises(openai.APITimeoutError):
+            _ask(srv.client(key="none", timeout=1.0), "json-bot")
+        for _ in range(100):
+            if srv.raw("GET", "/health", key=None)[1]["requests_in_progress"] == 0:
+                break
+            time.sleep(0.05)
+        assert srv.raw("GET", "/health", key=None)[1]["requests_in_progress"] == 0
+    finally:
+        gate.set()
+        srv.close()
+

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI): models, chat and text completions, adapters, health.
 
-Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: malformed JSON and bad
-parameters 400, a missing or wrong bearer key 401, an unknown model 404. `max_tokens` is clipped
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: malformed JSON, bad
+parameters and fields this server does not honour 400 (named, never ignored: requests.py), a
+missing or wrong bearer key 401, an unknown model 404, a body over 4 MB 413, and past --max-batch +
+--max-queue requests in progress 429 with Retry-After. `max_tokens` is clipped
 to what fits in the context after the prompt (finish_reason "length" says so); a prompt that
 leaves no room at all is refused with 400 (code "context_length_exceeded").
 """
@@ -20,56 +22,54 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlxtune.serve.generation import Generator, Job
 from mlxtune.serve.registry import AdapterError, AdapterRegistry
+from mlxtune.serve.requests import (CHAT_FIELDS, COMPLETION_FIELDS, MAX_BODY_BYTES, APIError,
+                                    check_body_size, check_fields, completion_prompts, make_job,
+                                    parse_body)
 
-DEFAULT_MAX_TOKENS = 512
-
-
-class APIError(Exception):
-    """A request the server refuses, with its HTTP status and OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = \
-            status, message, type_, param, code
-
-
-def _error(status: int, message: str, type_="invalid_request_error", param=None, code=None):
+def _error(status: int, message: str, type_="invalid_request_error", param=None, code=None,
+           headers=None):
     return JSONResponse({"error": {"message": message, "type": type_, "param": param,
-                                   "code": code}}, status_code=status)
+                                   "code": code}}, status_code=status, headers=headers)
 
 
-def create_app(registry: AdapterRegistry, api_key: str | None = None,
-               max_batch: int = 8) -> FastAPI:
-    """The FastAPI app serving `registry`'s base model and adapters (one generation worker)."""
+def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch: int = 8,
+               max_queue: int = 64) -> FastAPI:
+    """The FastAPI app serving `registry`'s base model and adapters (one generation worker);
+    past `max_batch` + `max_queue` requests in progress, new ones get 429 with Retry-After."""
     app = FastAPI(title="mlxtune serve", docs_url=None, redoc_url=None, openapi_url=None)
     generator = Generator(registry, max_batch=max_batch)
     app.state.registry, app.state.generator = registry, generator
     app.router.on_shutdown.append(generator.stop)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        # /health stays open (as in vLLM) so load balancers can probe without the key.
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                              "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(KeyCheck, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return _error(e.status, e.message, e.type, e.param, e.code)
+        return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return _error(e.status_code, str(e.detail), kind)
 
+    busy = {"requests": 0}  # requests admitted and not yet answered (the event loop's own)
+
+    def admit(n: int) -> None:
+        if busy["requests"] + n > max_batch + max_queue:
+            raise APIError(429, f"the server is busy ({busy['requests']} requests in progress, "
+                           f"--max-queue {max_queue}); retry shortly", "rate_limit_error",
+                           code="server_busy", headers={"Retry-After": "1"})
+        busy["requests"] += n
+
+    def release(n: int) -> None:
+        busy["requests"] -= n
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": registry.name,
-                "resident_adapters": list(registry.resident)}
+                "resident_adapters": list(registry.resident),
+                "requests_in_progress": busy["requests"]}
 
     @app.get("/v1/models")
     async def models():
@@ -124,93 +124,42 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _json(request)
+        check_fields(body, CHAT_FIELDS)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or \
                 not all(isinstance(m, dict) and "role" in m for m in messages):
             raise APIError(400, "'messages' must be a non-empty list of {role, content} objects",
                            param="messages")
-        return await _complete(request, body, _chat_prompt(registry.tokenizer, messages), True)
+        return await complete(request, body, [_chat_prompt(registry.tokenizer, messages)], True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _json(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise APIError(400, "'prompt' must be a string", param="prompt")
-        return await _complete(request, body, _encode(registry.tokenizer, prompt), False)
+        check_fields(body, COMPLETION_FIELDS)
+        prompts = completion_prompts(body.get("prompt"),
+                                     lambda text: _encode(registry.tokenizer, text))
+        if body.get("stream") and len(prompts) > 1:
+            raise APIError(400, "streaming takes one prompt; send the others as their own "
+                           "requests", param="prompt")
+        return await complete(request, body, prompts, False)
 
-    async def _complete(request: Request, body: dict, prompt: list[int], chat: bool):
-        job = _job(registry, body, prompt)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-        generator.submit(job)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-
-        def usage(n: int) -> dict:
-            return {"prompt_tokens": len(prompt), "completion_tokens": n,
-                    "total_tokens": len(prompt) + n}
-
-        obj = "chat.completion" if chat else "text_completion"
-
-        def choice(text, finish, delta=False):
-            if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            key = "delta" if delta else "message"
-            content = {"role": "assistant", "content": text} if not delta or text is not None \
-                else {}
-            return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
-
-        if not body.get("stream"):
-            text = ""
-            while True:
-                event = await events.get()
-                if event[0] == "text":
-                    text += event[1]
-                elif event[0] == "error":
-                    raise _as_api_error(event[1])
-                else:
-                    return {"id": rid, "object": obj, "created": created, "model": job.model,
-                            "choices": [choice(text, event[1])], "usage": usage(event[2])}
-
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-
-        async def sse():
-            try:
-                while True:
-                    event = await events.get()
-                    if event[0] == "error":
-                        err = {"message": str(event[1]), "type": "server_error",
-                               "param": None, "code": None}
-                        yield f"data: {json.dumps({'error': err})}\n\n"
-                        break
-                    text, finish = (event[1], None) if event[0] == "text" else (None, event[1])
-                    if chat or text is not None:
-                        c = choice(text if text is not None else ("" if not chat else None),
-                                   finish, delta=True)
-                        yield "data: " + json.dumps({"id": rid, "object": chunk_obj,
-                                                     "created": created, "model": job.model,
-                                                     "choices": [c]}) + "\n\n"
-                    elif finish:
-                        yield "data: " + json.dumps({"id": rid, "object": chunk_obj,
-                                                     "created": created, "model": job.model,
-                                                     "choices": [choice("", finish)]}) + "\n\n"
-                    if finish:
-                        if include_usage:
-                            yield "data: " + json.dumps({"id": rid, "object": chunk_obj,
-                                                         "created": created, "model": job.model,
-                                                         "choices": [],
-                                                         "usage": usage(event[2])}) + "\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled = True  # a client that went away frees its batch row
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
+    async def complete(request: Request, body: dict, prompts: list[list[int]], chat: bool):
+        jobs = [make_job(registry, body, p) for p in prompts]
+        admit(len(jobs))
+        reply = Reply(chat, jobs[0].model)
+        queues = [_submit(generator, job) for job in jobs]
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(reply.stream(jobs[0], queues[0], include_usage,
+                                                  lambda: release(1)),
+                                     media_type="text/event-stream")
+        try:
+            results = [await _result(request, job, q) for job, q in zip(jobs, queues)]
+        finally:
+            for job in jobs:
+                job.cancelled = True  # finished ones are gone already; the rest stop now
+            release(len(jobs))
+        return reply.whole(jobs, results)
 
     return app
 
@@ -221,57 +170,121 @@ def _as_api_error(e: Exception) -> APIError:
     return APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
 
 
+class KeyCheck:
+    """ASGI middleware: 401 unless 'Authorization: Bearer KEY'. /health stays open (as in vLLM)
+    so load balancers can probe without the key. Plain ASGI, not Starlette's BaseHTTPMiddleware,
+    which hides a client's disconnect from the endpoint (its batch row would run on)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error(401, "missing or wrong API key: send 'Authorization: Bearer "
+                                  "KEY'", "authentication_error", code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 async def _json(request: Request) -> dict:
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") \
-            from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    return body
+    # Read to the end (a client cut off mid-send sees a reset, not the 413) but keep at most
+    # MAX_BODY_BYTES: memory stays bounded whatever is sent.
+    kept, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_BODY_BYTES:
+            kept.append(chunk)
+    check_body_size(size)
+    return parse_body(b"".join(kept))
 
 
-def _number(body: dict, key: str, default, lo, hi, kind=float):
-    value = body.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (kind is int and value != int(value)) or not lo <= value <= hi:
-        raise APIError(400, f"'{key}' must be a{'n integer' if kind is int else ' number'} "
-                       f"from {lo} to {hi}; got {value!r}", param=key)
-    return kind(value)
+def _submit(generator: Generator, job: Job) -> asyncio.Queue:
+    """Queue `job` on the generator; its events arrive on the returned queue."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+    generator.submit(job)
+    return events
 
 
-def _job(registry: AdapterRegistry, body: dict, prompt: list[int]) -> Job:
-    """Check a request's fields against the served models and the context; build its Job."""
-    model = body.get("model")
-    names = registry.names()
-    if not isinstance(model, str) or model not in names:
-        raise APIError(404, f"the model {model!r} does not exist; serving: {', '.join(names)}",
-                       "not_found_error", "model", "model_not_found")
-    context = registry.context_length
-    if len(prompt) >= context:
-        raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is "
-                       f"{context} tokens, so at most {context - 1} fit with room to answer",
-                       param="messages", code="context_length_exceeded")
-    requested = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": requested}, "max_tokens", DEFAULT_MAX_TOKENS, 1,
-                         10**9, int)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    if body.get("n", 1) not in (1, None):
-        raise APIError(400, "only n=1 is supported", param="n")
-    seed = body.get("seed")
-    if seed is not None:
-        seed = _number(body, "seed", 0, 0, 2**63 - 1, int)
-    return Job(model=model, prompt=prompt,
-               # Clipped, not refused, to the room left in the context (finish_reason "length").
-               max_tokens=min(max_tokens, context - len(prompt)),
-               temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-               top_p=_number(body, "top_p", 1.0, 0.0, 1.0), seed=seed, stop=stop)
+async def _result(request: Request, job: Job, events: asyncio.Queue) -> tuple[str, str, int]:
+    """(text, finish reason, tokens) of a job; stops it if the client goes away meanwhile."""
+    text = ""
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled = True  # frees its batch row at the next step
+                raise APIError(499, "the client closed the request", code="client_closed") \
+                    from None
+            continue
+        if event[0] == "text":
+            text += event[1]
+        elif event[0] == "error":
+            raise _as_api_error(event[1])
+        else:
+            return text, event[1], event[2]
+
+
+class Reply:
+    """How a request's results become OpenAI response objects, whole or as server-sent events."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def choice(self, text, finish, index=0, delta=False) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        key = "delta" if delta else "message"
+        content = {"role": "assistant", "content": text} if not delta or text is not None else {}
+        return {"index": index, key: content, "logprobs": None, "finish_reason": finish}
+
+    def _object(self, kind: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def whole(self, jobs: list[Job], results: list[tuple[str, str, int]]) -> dict:
+        prompt = sum(len(j.prompt) for j in jobs)
+        done = sum(n for _, _, n in results)
+        return self._object("chat.completion" if self.chat else "text_completion",
+                            [self.choice(text, finish, i)
+                             for i, (text, finish, _) in enumerate(results)],
+                            usage={"prompt_tokens": prompt, "completion_tokens": done,
+                                   "total_tokens": prompt + done})
+
+    async def stream(self, job: Job, events: asyncio.Queue, include_usage: bool, release):
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        try:
+            while True:
+                event = await events.get()
+                if event[0] == "error":
+                    err = {"message": str(event[1]), "type": "server_error", "param": None,
+                           "code": None}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                    break
+                text, finish = (event[1], None) if event[0] == "text" else (None, event[1])
+                if self.chat or text is not None:
+                    c = self.choice(text if text is not None or self.chat else "", finish,
+                                    delta=True)
+                else:
+                    c = self.choice("", finish)
+                yield f"data: {json.dumps(self._object(kind, [c]))}\n\n"
+                if finish:
+                    if include_usage:
+                        n, p = event[2], len(job.prompt)
+                        usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+                        yield f"data: {json.dumps(self._object(kind, [], usage=usage))}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True  # a client that went away frees its batch row
+            release()
 
 
 def _encode(tokenizer, text: str) -> list[int]:

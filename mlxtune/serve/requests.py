@@ -1,0 +1,141 @@
+"""What a request may ask for, checked before it reaches the model: every field either works as
+the OpenAI API defines it or is refused with a 400 that names it (never silently ignored), bodies
+are bounded in size and nesting before they are parsed, and prompts come in every shape the API
+allows (a string, a list of strings, token ids, lists of token ids)."""
+
+from __future__ import annotations
+
+import json
+
+from mlxtune.serve.generation import Job
+from mlxtune.serve.registry import AdapterRegistry
+
+DEFAULT_MAX_TOKENS = 512
+MAX_BODY_BYTES = 4 << 20  # a long prompt is well under this; beyond it, 413 before parsing
+
+# Fields that change nothing here whatever their value (identifiers, bookkeeping).
+_PASSIVE = {"user", "metadata", "store", "service_tier"}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "n", "seed", "stream",
+           "stream_options"} | _PASSIVE
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = _COMMON | {"prompt"}
+# Fields clients often send at their neutral value: accepted at that value, refused otherwise.
+_NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False, None),
+            "top_logprobs": (None, 0), "logit_bias": ({},), "echo": (False,), "best_of": (1,),
+            "suffix": (None, ""), "response_format": ({"type": "text"},),
+            "parallel_tool_calls": (True, False), "tool_choice": ("none",), "tools": ([],),
+            "n": (1, None)}
+
+
+class APIError(Exception):
+    """A request the server refuses, with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = \
+            status, message, type_, param, code
+        self.headers = headers
+
+
+def check_body_size(size: int) -> None:
+    """413 for a body over MAX_BODY_BYTES."""
+    if size > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {size} bytes; at most {MAX_BODY_BYTES} are "
+                       "accepted", code="request_too_large")
+
+
+def parse_body(raw: bytes) -> dict:
+    """The JSON object of a request body, or a 400/413 APIError saying why not."""
+    check_body_size(len(raw))
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") \
+            from None
+    except RecursionError:  # Python's parser gives up near 1000 levels
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") \
+            from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def check_fields(body: dict, allowed: set[str]) -> None:
+    """Refuse, naming it, any field this server would otherwise ignore."""
+    for key, value in body.items():
+        if key in allowed and key not in _NEUTRAL:
+            continue
+        if key in _NEUTRAL and any(value == v and type(value) is type(v) or value is v
+                                   for v in _NEUTRAL[key]):
+            continue
+        what = "is not supported by this server" if key in _NEUTRAL or key.startswith(
+            ("tool", "function")) else "is not a field of this endpoint"
+        raise APIError(400, f"'{key}' {what} (got {json.dumps(value)[:60]}); remove it",
+                       param=key, code="unsupported_parameter")
+
+
+def completion_prompts(prompt: object, encode) -> list[list[int]]:
+    """Token ids of each prompt of a /v1/completions request: a string, a list of strings, a list
+    of token ids, or a list of such lists."""
+    def ids(p):
+        if isinstance(p, str):
+            return encode(p)
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
+                                             and t >= 0 for t in p):
+            return list(p)
+        return None
+
+    one = ids(prompt)
+    if one is not None:
+        return [one]
+    many = [ids(p) for p in prompt] if isinstance(prompt, list) and prompt else [None]
+    if any(p is None for p in many):
+        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids "
+                       "or a list of token-id lists", param="prompt")
+    return many
+
+
+def number(body: dict, key: str, default, lo, hi, kind=float):
+    """body[key] (or `default`) checked to be a number in [lo, hi]."""
+    value = body.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (kind is int and value != int(value)) or not lo <= value <= hi:
+        raise APIError(400, f"'{key}' must be a{'n integer' if kind is int else ' number'} "
+                       f"from {lo} to {hi}; got {value!r}", param=key)
+    return kind(value)
+
+
+def make_job(registry: AdapterRegistry, body: dict, prompt: list[int]) -> Job:
+    """Check a request's fields against the served models and the context; build its Job."""
+    model = body.get("model")
+    names = registry.names()
+    if not isinstance(model, str) or model not in names:
+        raise APIError(404, f"the model {model!r} does not exist; serving: {', '.join(names)}",
+                       "not_found_error", "model", "model_not_found")
+    context = registry.context_length
+    if len(prompt) >= context:
+        raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is "
+                       f"{context} tokens, so at most {context - 1} fit with room to answer",
+                       param="messages", code="context_length_exceeded")
+    vocab = registry.config.get("vocab_size")
+    if isinstance(vocab, int) and max(prompt, default=0) >= vocab:
+        raise APIError(400, f"token id {max(prompt)} is outside this model's vocabulary of "
+                       f"{vocab}", param="prompt")
+    requested = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = number({"max_tokens": requested}, "max_tokens", DEFAULT_MAX_TOKENS, 1, 10**9, int)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None:
+        seed = number(body, "seed", 0, 0, 2**63 - 1, int)
+    return Job(model=model, prompt=prompt,
+               # Clipped, not refused, to the room left in the context (finish_reason "length").
+               max_tokens=min(max_tokens, context - len(prompt)),
+               temperature=number(body, "temperature", 1.0, 0.0, 2.0),
+               top_p=number(body, "top_p", 1.0, 0.0, 1.0), seed=seed, stop=stop)
