@@ -130,12 +130,14 @@ def train(
                                         "hosts (comma-separated) via mlx.launch."),
     processes: Optional[int] = typer.Option(None, "-n", "--processes", help="Processes per host "
                                             "for a distributed run (mlx.launch -n)."),
+    force: bool = typer.Option(False, "--force", help="Start even when the memory plan says the "
+                               "run will not fit."),
 ) -> None:
     """Fine-tune with LoRA, DoRA or QLoRA as the YAML says; writes a run folder."""
     from mlxtune.train.run import launch_or_train
 
     code = launch_or_train(config, overrides, resume=resume, dry_run=dry_run, hosts=hosts,
-                           processes=processes)
+                           processes=processes, force=force)
     if code:
         raise typer.Exit(code)
 

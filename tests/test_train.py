@@ -188,3 +188,18 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_qmodel_dir):
     assert err.strip().startswith("error: interrupted at step") and "Traceback" not in err
     step = int(err.split("interrupted at step ")[1].split(";")[0])
     assert (tmp_path / "run" / "checkpoints" / f"step-{step:07d}" / "state.json").is_file()
+
+
+def test_a_run_the_plan_says_cannot_fit_is_refused_before_loading(tmp_path, tiny_qmodel_dir,
+                                                                   monkeypatch):
+    import mlxtune.platform
+
+    monkeypatch.setattr(mlxtune.platform, "available_memory", lambda: 1 << 20)  # 1 MB
+    config = _config(tmp_path, tiny_qmodel_dir, iters=1, steps_per_eval=1)
+    with pytest.raises(MlxtuneError) as e:
+        run_training(config, say=lambda s: None)
+    message = str(e.value)
+    assert "\n" not in message and "more than the 0.00 GB available" in message
+    assert "lower batch_size (4) or max_seq_length" in message and "--force" in message
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert run_training(config, say=lambda s: None, force=True).steps == 1

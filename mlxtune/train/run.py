@@ -54,14 +54,15 @@ def build_optimizer(config: TrainConfig, total_steps: int):
 
 
 def run_training(config_path: str | Path | None, overrides: list[str] = (), resume: bool = False,
-                 dry_run: bool = False, say=print) -> TrainResult:
-    """Train as `config_path` (plus overrides) says; with `dry_run`, check and plan only."""
+                 dry_run: bool = False, say=print, force: bool = False) -> TrainResult:
+    """Train as `config_path` (plus overrides) says; with `dry_run`, check and plan only. A run
+    the memory plan says cannot fit is refused before loading, unless `force`."""
     import mlx.core as mx
 
     from mlxtune.models.resolve import resolve_model
     from mlxtune.platform import available_memory, backend
     from mlxtune.train.data import check_data_folder
-    from mlxtune.train.memory import plan_memory
+    from mlxtune.train.memory import GB, PLAN_ERROR, plan_memory
 
     config = load_train_config(config_path, overrides)
     run_dir = run_folder(config, config_path)
@@ -85,6 +86,10 @@ def run_training(config_path: str | Path | None, overrides: list[str] = (), resu
     result = TrainResult(run_dir=run_dir, steps=0, plan=lines)
     if dry_run:
         return result
+    if not force and plan.available and plan.peak > plan.available * (1 + PLAN_ERROR):
+        raise MlxtuneError(f"the memory plan predicts a peak of {plan.peak / GB:.2f} GB, more "
+                           f"than the {plan.available / GB:.2f} GB available: {plan.lever(config)}"
+                           " (or pass --force to start anyway)")
     if config.max_memory_gb:
         mx.set_memory_limit(int(config.max_memory_gb * 1024**3))
     from mlxtune.train.session import TrainingSession
@@ -94,7 +99,7 @@ def run_training(config_path: str | Path | None, overrides: list[str] = (), resu
 
 def launch_or_train(config_path: Path, overrides: list[str] = (), resume: bool = False,
                     dry_run: bool = False, hosts: str | None = None,
-                    processes: int | None = None) -> int:
+                    processes: int | None = None, force: bool = False) -> int:
     """Train here, or, for a distributed run not yet launched, start every rank with mlx.launch
     and return its exit code."""
     from mlxtune.train.config import launch_command
@@ -104,11 +109,12 @@ def launch_or_train(config_path: Path, overrides: list[str] = (), resume: bool =
         overrides += [f"distributed.hosts=[{hosts or ''}]",
                       f"distributed.processes_per_host={processes or 1}"]
     if not dry_run:
-        argv = [str(config_path), *(x for o in overrides for x in ("--set", o))]
+        argv = [str(config_path), *(x for o in overrides for x in ("--set", o)),
+                *(["--force"] if force else [])]
         launch = launch_command(load_train_config(config_path, overrides),
                                 argv + (["--resume"] if resume else []))
         if launch:
             print(f"launching: {' '.join(launch)}", file=sys.stderr)
             return subprocess.call(launch)
-    run_training(config_path, overrides, resume=resume, dry_run=dry_run)
+    run_training(config_path, overrides, resume=resume, dry_run=dry_run, force=force)
     return 0
