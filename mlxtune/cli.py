@@ -14,10 +14,30 @@ import typer
 
 from mlxtune.errors import ConfigError, MlxtuneError
 
+# Plain Click help: Typer's rich help shows every flag with a '<bool>' type, as if it took one.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Prepare data, fine-tune (LoRA, DoRA, QLoRA), fuse, serve and evaluate "
+                  rich_markup_mode=None, help="Prepare data, fine-tune (LoRA, DoRA, QLoRA), fuse, serve and evaluate "
                        "LLMs with MLX.")
-models_app = typer.Typer(no_args_is_help=True, help="List, locate, inspect and convert models.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        import mlx.core as mx
+
+        print(f"mlxtune {version('mlxtune')} (mlx {mx.__version__}, mlx-lm {version('mlx-lm')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print the versions of mlxtune, MLX and mlx-lm.")
+             ) -> None:
+    """Prepare data, fine-tune (LoRA, DoRA, QLoRA), fuse, serve and evaluate LLMs with MLX."""
+
+
+models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="List, locate, inspect and convert models.")
 app.add_typer(models_app, name="models")
 
 
@@ -259,7 +279,8 @@ def main() -> None:
     preload_fast_blas()
     try:
         # Standalone mode lets Typer report usage errors itself (exit 2); ours pass through.
-        app()
+        # The name is set: the BLAS re-exec runs us as `python -m mlxtune`.
+        app(prog_name="mlxtune")
     except ConfigError as e:
         for problem in e.problems:
             typer.secho(f"error: {problem}", fg="red", err=True)
