@@ -94,11 +94,15 @@ def find_blas(environ=os.environ, verify: bool = True) -> str | None:
     return None
 
 
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
+def cpuinfo_field(name: str, text: str | None = None) -> str | None:
+    """The first `name` line's value in /proc/cpuinfo (or in `text`); None off Linux."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    match = re.search(rf"^{re.escape(name)}\s*:\s*(.+)$", text, re.M)
+    return match.group(1).strip() if match else None
 
 
 def choose_coretype(flags: set[str], vendor: str = "") -> str | None:
@@ -150,11 +154,8 @@ def blas_env(environ=os.environ, cpuinfo: str | None = None) -> dict[str, str]:
     preload = [p for p in environ.get("LD_PRELOAD", "").split(":") if p]
     env.update({"LD_PRELOAD": ":".join([lib, *preload]), MARKER_VAR: lib})
     if "openblas" in os.path.basename(lib).lower() and not environ.get("OPENBLAS_CORETYPE"):
-        text = _cpuinfo() if cpuinfo is None else cpuinfo
-        flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        vendor = re.search(r"^vendor_id\s*:\s*(.+)$", text, re.M)
-        core = choose_coretype(set(flags.group(1).split()) if flags else set(),
-                               vendor.group(1) if vendor else "")
+        flags = cpuinfo_field("flags", cpuinfo) or ""
+        core = choose_coretype(set(flags.split()), cpuinfo_field("vendor_id", cpuinfo) or "")
         if core:
             env["OPENBLAS_CORETYPE"] = core
     return env

@@ -33,21 +33,9 @@ def chip_name() -> str:
                 return out.stdout.strip()
         except OSError:
             pass
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
-        if match:
-            return match.group(1).strip()
-    return _platform.processor() or _platform.machine()
+    from mlxtune.blas import cpuinfo_field
 
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags Linux reports (empty elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return set()
-    match = re.search(r"^flags\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
-    return set(match.group(1).split()) if match else set()
+    return cpuinfo_field("model name") or _platform.processor() or _platform.machine()
 
 
 def total_memory() -> int:

@@ -323,14 +323,6 @@ def _blas_peaks(legs: list[str]) -> dict[str, float | None]:
     return peaks
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
-            else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def _median_run(runs: list[dict | None]) -> dict | None:
     """The run with the median tokens/s of a leg's rounds (None if any failed)."""
     if not runs or any(r is None for r in runs):
@@ -394,10 +386,12 @@ def main() -> int:
         if args.seven_b:
             results["7b"] = _run_leg("7b", Path(tmp) / "none", 0)
 
+    from mlxtune.platform import chip_name
+
     gflop, peaks = _step_gflop(), _blas_peaks(legs)
     print(f"\nQLoRA, built-in SmolLM2-135M 4-bit, batch {BATCH} x {SEQ}, rank {RANK}, "
           f"{'+'.join(KEYS)} of the last {LAYERS} layers, AdamW; {os.cpu_count()} cores, "
-          f"{_cpu_name()}")
+          f"{chip_name()}")
     print(f"one step is {gflop:.1f} GFLOP; BLAS peak (1024^3 fp32 matmul): " + ", ".join(
         f"{k} {_fmt(v, '.0f')} GFLOP/s" for k, v in peaks.items()))
     print(f"{'leg':>16} {'tokens/s':>9} {'s/step':>8} {'GFLOP/s':>8} {'peak GB':>8} "

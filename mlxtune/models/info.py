@@ -6,8 +6,6 @@ from pathlib import Path
 
 from mlxtune.models.folder import read_config, safetensors_shapes
 
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8}
-
 
 def count_parameters(shapes: dict, config: dict) -> int:
     """Parameters the model has, counting each packed quantized weight as its unpacked size."""
