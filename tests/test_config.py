@@ -110,3 +110,19 @@ lr_schedule:
     config = load_train_config(path)
     assert config.optimizer == "adamw" and config.lr_schedule.warmup == 100
     assert config.lr_schedule.arguments == [1e-5, 1000, 1e-7]
+
+
+def test_readme_yaml_reference_is_the_schema():
+    """The README's table of training keys is describe_schema(TrainConfig), row for row: a key
+    added, renamed or re-documented in the config shows up in the README or this fails."""
+    import re
+    from pathlib import Path
+
+    from mlxtune.config import describe_schema
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### The training YAML", 1)[1].split("\n### ", 1)[0]
+    have = [line for line in section.splitlines() if re.match(r"^\| `[\w.]+` \|", line)]
+    want = [f"| `{key}` | {f'`{default}`' if default else ''} | {help_} |"
+            for key, default, help_ in describe_schema(TrainConfig)]
+    assert have == want, "README's YAML table should read:\n" + "\n".join(want)
