@@ -113,3 +113,7 @@ def test_env_command_prints_exports():
     out = subprocess.run([sys.executable, "-m", "mlxtune.blas", "--env"], env=_clean_env(),
                          capture_output=True, text=True, check=True).stdout
     assert all(line.startswith("export ") for line in out.splitlines())
+    if sys.platform.startswith("linux") and blas._reference_blas_bundled() and blas.find_blas():
+        # Where a fast BLAS is needed and found, the exports preload it (all() passes on nothing).
+        assert f"export LD_PRELOAD='{blas.find_blas()}" in out
+        assert "export MALLOC_MMAP_MAX_='0'" in out
