@@ -191,12 +191,14 @@ def fuse(
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="Also write this GGUF file "
                                         "(llama-family models)."),
     gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF weights: f16, q8_0 or q4_0."),
+    ollama: Optional[Path] = typer.Option(None, "--ollama", help="Also write this folder: the "
+                                          "model as GGUF and a Modelfile for `ollama create`."),
 ) -> None:
     """Merge an adapter into its base model; report how much the merge moved the logits."""
     from mlxtune.fuse import fuse as fuse_adapter
 
     fuse_adapter(out, run=run, adapter=adapter, model=model, dequantize=dequantize, gguf=gguf,
-                 gguf_type=gguf_type)
+                 gguf_type=gguf_type, ollama=ollama)
 
 
 @app.command()

@@ -4,7 +4,8 @@ The merge is mlx-lm's own (`LoRALinear.fuse`, `DoRALinear.fuse`). A quantized ba
 (each fused layer re-quantized with its own bits and group size), and because re-quantizing can
 erase a small LoRA delta (mlx-examples #507), every fuse measures the drift: fused vs unfused logits
 on a few validation examples. `--dequantize` writes fp16 weights in Hugging Face names that
-transformers loads; `--gguf` also writes a llama.cpp file (see mlxtune/gguf_export.py).
+transformers loads; `--gguf` also writes a llama.cpp file (see mlxtune/gguf_export.py), and
+`--ollama` a folder `ollama create` takes (see mlxtune/ollama.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class FuseResult:
     quantized: bool
     drift: Drift | None = None
     gguf: Path | None = None
+    ollama: Path | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -105,7 +107,7 @@ def _load(model_dir: Path, adapter_dir: Path | None = None):
 
 def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
          model: str | None = None, dequantize: bool = False, gguf: Path | None = None,
-         gguf_type: str = "f16", say=print) -> FuseResult:
+         gguf_type: str = "f16", ollama: Path | None = None, say=print) -> FuseResult:
     """Merge the adapter into its base, write a model folder at `out` (and a GGUF), report drift."""
     from mlx_lm.utils import dequantize_model, save
 
@@ -118,11 +120,17 @@ def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
     if not model:
         raise MlxtuneError(f"{adapter_dir}/adapter_config.json does not record its base model; "
                            "pass --model")
-    if gguf is not None:
+    if gguf is not None or ollama is not None:
         from mlxtune.gguf_export import check_gguf_type
 
         check_gguf_type(gguf_type)
     model_dir = resolve_model(model)
+    if ollama is not None:
+        from mlx_lm.utils import load_tokenizer
+
+        from mlxtune.ollama import chat_pieces
+
+        chat_pieces(load_tokenizer(model_dir))  # a template Ollama cannot take fails here, early
     net, tokenizer, config = _load(model_dir, adapter_dir)
     n = fuse_layers(net, dequantize=dequantize)
     say(f"merged {adapter_cfg.get('fine_tune_type', 'lora')} adapter into {n} layers of {model}")
@@ -165,6 +173,12 @@ def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
 
         result.gguf = write_gguf(out, Path(gguf), gguf_type)
         say(f"wrote {result.gguf} ({gguf_type})")
+    if ollama is not None:
+        from mlxtune.ollama import write_ollama
+
+        result.ollama = write_ollama(out, Path(ollama), gguf_type)
+        say(f"wrote {result.ollama}: model.gguf ({gguf_type}) and Modelfile; then: "
+            f"ollama create NAME -f {result.ollama / 'Modelfile'}")
     return result
 
 
