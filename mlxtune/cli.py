@@ -179,7 +179,7 @@ def eval_(
 
 @app.command()
 def fuse(
-    out: Path = typer.Option(..., "--out", help="Folder to write the fused model to."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write the fused model to."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder of mlxtune train "
                                        "(runs/NAME)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder "
@@ -193,12 +193,15 @@ def fuse(
     gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF weights: f16, q8_0 or q4_0."),
     ollama: Optional[Path] = typer.Option(None, "--ollama", help="Also write this folder: the "
                                           "model as GGUF and a Modelfile for `ollama create`."),
+    gguf_adapter: Optional[Path] = typer.Option(None, "--gguf-adapter", help="Write the adapter "
+                                                "alone as a llama.cpp GGUF LoRA file (no --out "
+                                                "needed)."),
 ) -> None:
     """Merge an adapter into its base model; report how much the merge moved the logits."""
     from mlxtune.fuse import fuse as fuse_adapter
 
     fuse_adapter(out, run=run, adapter=adapter, model=model, dequantize=dequantize, gguf=gguf,
-                 gguf_type=gguf_type, ollama=ollama)
+                 gguf_type=gguf_type, ollama=ollama, gguf_adapter=gguf_adapter)
 
 
 @app.command()

@@ -5,7 +5,8 @@ The merge is mlx-lm's own (`LoRALinear.fuse`, `DoRALinear.fuse`). A quantized ba
 erase a small LoRA delta (mlx-examples #507), every fuse measures the drift: fused vs unfused logits
 on a few validation examples. `--dequantize` writes fp16 weights in Hugging Face names that
 transformers loads; `--gguf` also writes a llama.cpp file (see mlxtune/gguf_export.py), and
-`--ollama` a folder `ollama create` takes (see mlxtune/ollama.py).
+`--ollama` a folder `ollama create` takes (see mlxtune/ollama.py); `--gguf-adapter` writes the
+adapter alone as a llama.cpp GGUF LoRA (see mlxtune/gguf_adapter.py), with or without a merge.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class Drift:
 class FuseResult:
     """What `fuse` wrote and what it measured."""
 
-    out: Path
+    out: Path | None  # None: only the GGUF adapter was written
     quantized: bool
     drift: Drift | None = None
     gguf: Path | None = None
     ollama: Path | None = None
+    gguf_adapter: Path | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -105,10 +107,12 @@ def _load(model_dir: Path, adapter_dir: Path | None = None):
     return model, tokenizer, config
 
 
-def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
+def fuse(out: Path | None, run: Path | None = None, adapter: Path | None = None,
          model: str | None = None, dequantize: bool = False, gguf: Path | None = None,
-         gguf_type: str = "f16", ollama: Path | None = None, say=print) -> FuseResult:
-    """Merge the adapter into its base, write a model folder at `out` (and a GGUF), report drift."""
+         gguf_type: str = "f16", ollama: Path | None = None, gguf_adapter: Path | None = None,
+         say=print) -> FuseResult:
+    """Merge the adapter into its base, write a model folder at `out` (and a GGUF, an Ollama
+    folder), report drift; and/or write the adapter alone as a GGUF LoRA."""
     from mlx_lm.utils import dequantize_model, save
 
     from mlxtune.models.folder import atomic_folder
@@ -120,11 +124,21 @@ def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
     if not model:
         raise MlxtuneError(f"{adapter_dir}/adapter_config.json does not record its base model; "
                            "pass --model")
+    if out is None and (gguf_adapter is None or gguf is not None or ollama is not None
+                        or dequantize):
+        raise MlxtuneError("give --out DIR for the fused model (needed by --gguf, --ollama and "
+                           "--dequantize), or --gguf-adapter FILE alone, or both")
     if gguf is not None or ollama is not None:
         from mlxtune.gguf_export import check_gguf_type
 
         check_gguf_type(gguf_type)
     model_dir = resolve_model(model)
+    written = None
+    if gguf_adapter is not None:
+        # The adapter alone needs no weights of the base, so it comes before the merge.
+        written = _write_gguf_adapter(adapter_dir, model_dir, Path(gguf_adapter), say)
+        if out is None:
+            return FuseResult(out=None, quantized=False, gguf_adapter=written)
     if ollama is not None:
         from mlx_lm.utils import load_tokenizer
 
@@ -159,7 +173,7 @@ def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     del net
-    result = FuseResult(out=out, quantized=quantized)
+    result = FuseResult(out=out, quantized=quantized, gguf_adapter=written)
     say(f"wrote {out} ({'re-quantized, as the base' if quantized else 'float16'})")
     result.drift = measure_drift(model_dir, adapter_dir, out, tokenizer)
     say(result.drift.line())
@@ -180,6 +194,14 @@ def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
         say(f"wrote {result.ollama}: model.gguf ({gguf_type}) and Modelfile; then: "
             f"ollama create NAME -f {result.ollama / 'Modelfile'}")
     return result
+
+
+def _write_gguf_adapter(adapter_dir: Path, model_dir: Path, path: Path, say) -> Path:
+    from mlxtune.gguf_adapter import write_gguf_adapter
+
+    written, alpha, layers = write_gguf_adapter(adapter_dir, model_dir, path)
+    say(f"wrote {written} (GGUF LoRA, alpha {alpha:g}, {layers} layers)")
+    return written
 
 
 def _cast_floats(params, dtype):
