@@ -46,6 +46,8 @@ class PrepareOptions:
     max_tokens: int | None = None
     strict: bool = False
     progress: bool | None = None  # None: only for large inputs, only on a terminal
+    split: str | None = None  # of Hugging Face dataset inputs; default train (or the only one)
+    subset: str | None = None  # configuration of hub dataset inputs
 
 
 def check_options(options: PrepareOptions) -> None:
@@ -81,7 +83,10 @@ def prepare_dataset(inputs: list, out: Path, options: PrepareOptions | None = No
         raise ConfigError(["no input files given"])
     out = Path(out)
     _check_out(out)
-    sources = [Source(p) for p in inputs]
+    sources = [_open_source(p, options) for p in inputs]
+    if (options.split or options.subset) and not any(s.kind == "dataset" for s in sources):
+        raise ConfigError(["--split and --subset choose from Hugging Face datasets (a "
+                           "save_to_disk folder or a hub id); no input is one"])
     shapes = [_file_shape(s, options) for s in sources]
     kind = _common_kind(sources, shapes, options)
     count = _token_counter(options.model, kind) if options.model else None
@@ -94,6 +99,17 @@ def prepare_dataset(inputs: list, out: Path, options: PrepareOptions | None = No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _open_source(raw, options: PrepareOptions):
+    """A file's Source, or a DatasetSource for a save_to_disk folder or a hub dataset id."""
+    from mlxtune.prepare import hf_datasets
+    from mlxtune.prepare.readers import READERS
+
+    if hf_datasets.is_saved_dataset(Path(raw)) or hf_datasets.looks_like_hub_id(str(raw),
+                                                                                READERS):
+        return hf_datasets.DatasetSource(str(raw), options.split, options.subset)
+    return Source(raw)
 
 
 def _check_out(out: Path) -> None:
