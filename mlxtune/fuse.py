@@ -113,9 +113,6 @@ def fuse(out: Path | None, run: Path | None = None, adapter: Path | None = None,
          say=print) -> FuseResult:
     """Merge the adapter into its base, write a model folder at `out` (and a GGUF, an Ollama
     folder), report drift; and/or write the adapter alone as a GGUF LoRA."""
-    from mlx_lm.utils import dequantize_model, save
-
-    from mlxtune.models.folder import atomic_folder
     from mlxtune.models.resolve import resolve_model
 
     adapter_dir = find_adapter(run, adapter)
@@ -145,6 +142,19 @@ def fuse(out: Path | None, run: Path | None = None, adapter: Path | None = None,
         from mlxtune.ollama import chat_pieces
 
         chat_pieces(load_tokenizer(model_dir))  # a template Ollama cannot take fails here, early
+    result = _merge(Path(out), model, model_dir, adapter_dir, adapter_cfg, dequantize, say)
+    result.gguf_adapter = written
+    _export(result, gguf, ollama, gguf_type, say)
+    return result
+
+
+def _merge(out: Path, model: str, model_dir: Path, adapter_dir: Path, adapter_cfg: dict,
+           dequantize: bool, say) -> FuseResult:
+    """Fuse, write the model folder at `out` atomically, and measure the drift."""
+    from mlx_lm.utils import dequantize_model, save
+
+    from mlxtune.models.folder import TOKENIZER_FILES, atomic_folder
+
     net, tokenizer, config = _load(model_dir, adapter_dir)
     n = fuse_layers(net, dequantize=dequantize)
     say(f"merged {adapter_cfg.get('fine_tune_type', 'lora')} adapter into {n} layers of {model}")
@@ -156,12 +166,10 @@ def fuse(out: Path | None, run: Path | None = None, adapter: Path | None = None,
         config.pop("quantization_config", None)
         config["torch_dtype"] = "float16"
     quantized = "quantization" in config
-    tmp, commit = atomic_folder(Path(out))
+    tmp, commit = atomic_folder(out)
     try:
         save(tmp, model_dir, net, tokenizer, config, donate_model=False)
         # Keep the chat template and other tokenizer files exactly as the base has them.
-        from mlxtune.models.folder import TOKENIZER_FILES
-
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file() and not (tmp / name).is_file():
                 shutil.copy(model_dir / name, tmp / name)
@@ -173,7 +181,7 @@ def fuse(out: Path | None, run: Path | None = None, adapter: Path | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     del net
-    result = FuseResult(out=out, quantized=quantized, gguf_adapter=written)
+    result = FuseResult(out=out, quantized=quantized)
     say(f"wrote {out} ({'re-quantized, as the base' if quantized else 'float16'})")
     result.drift = measure_drift(model_dir, adapter_dir, out, tokenizer)
     say(result.drift.line())
@@ -182,18 +190,23 @@ def fuse(out: Path | None, run: Path | None = None, adapter: Path | None = None,
                 "the fine-tune exactly")
         result.notes.append(note)
         say(f"note: {note}")
+    return result
+
+
+def _export(result: FuseResult, gguf: Path | None, ollama: Path | None, gguf_type: str,
+            say) -> None:
+    """Write the fused folder on as a GGUF file and/or an Ollama folder."""
     if gguf is not None:
         from mlxtune.gguf_export import write_gguf
 
-        result.gguf = write_gguf(out, Path(gguf), gguf_type)
+        result.gguf = write_gguf(result.out, Path(gguf), gguf_type)
         say(f"wrote {result.gguf} ({gguf_type})")
     if ollama is not None:
         from mlxtune.ollama import write_ollama
 
-        result.ollama = write_ollama(out, Path(ollama), gguf_type)
+        result.ollama = write_ollama(result.out, Path(ollama), gguf_type)
         say(f"wrote {result.ollama}: model.gguf ({gguf_type}) and Modelfile; then: "
             f"ollama create NAME -f {result.ollama / 'Modelfile'}")
-    return result
 
 
 def _write_gguf_adapter(adapter_dir: Path, model_dir: Path, path: Path, say) -> Path:
