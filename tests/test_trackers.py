@@ -85,7 +85,11 @@ def test_wandb_and_trackio_are_called_offline_with_the_same_rows(tmp_path, tiny_
         finish=lambda: calls.append(("trackio.finish",)), __spec__=object())
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     monkeypatch.setitem(sys.modules, "trackio", fake_trackio)
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object()
+                        if name in ("wandb", "trackio") else real(name, *a))
     monkeypatch.delenv("WANDB_MODE", raising=False)
     config = train_config(tmp_path, tiny_qmodel_dir, iters=5, steps_per_report=5,
                           steps_per_eval=5, report_to=["wandb", "trackio"])
@@ -108,7 +112,7 @@ def test_a_missing_tracker_library_is_a_config_error_naming_the_pip_command(
 
     real = importlib.util.find_spec
     monkeypatch.setattr("importlib.util.find_spec",
-                        lambda name: None if name == "wandb" else real(name))
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
     config = train_config(tmp_path, tiny_qmodel_dir, report_to="wandb,mlfow,none")
     with pytest.raises(ConfigError) as e:
         run_training(config, say=lambda s: None)
