@@ -232,6 +232,7 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
                     lengths.append(n)
             done += source.size
         kept.close()
+        del seen  # its slots are no longer needed while the splits are cut and written
         if not scores:
             reasons = ", ".join(f"{n} {r}" for r, n in report.dropped.items()) or "no rows"
             raise DataError(f"no examples left to write ({reasons}); nothing was written; run "

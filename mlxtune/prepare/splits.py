@@ -61,7 +61,8 @@ def write_splits(spool: Path, labels, folder: Path) -> None:
     outs = [open(folder / f"{s}.jsonl", "wb", buffering=1 << 20) for s in SPLITS]
     try:
         with open(spool, "rb") as f:
-            for label, line in zip(labels.tolist(), f):
+            # Iterating bytes gives small ints without a list of them: memory stays flat.
+            for label, line in zip(labels.tobytes(), f):
                 outs[label].write(line)
     finally:
         for out in outs:
