@@ -120,3 +120,13 @@ def test_a_missing_tracker_library_is_a_config_error_naming_the_pip_command(
         f"{config}:1: report_to: wandb needs the wandb package: pip install 'mlxtune[wandb]'",
         f"{config}:1: report_to: unknown tracker 'mlfow'; did you mean 'mlflow'?"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    from mlxtune.errors import MlxtuneError
+    from mlxtune.train.trackers import open_trackers
+
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unknown-scheme://nowhere")
+    with pytest.raises(MlxtuneError, match=r"^report_to mlflow: could not start its run: "):
+        open_trackers(["mlflow"], tmp_path / "run", None, {"rank": 8})

@@ -149,5 +149,15 @@ _CLASSES = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "wandb":
 
 def open_trackers(names: list[str] | None, run_dir: Path, project: str | None, config: dict) -> list:
     """The trackers named in `report_to`, each started with the resolved config."""
-    return [_CLASSES[name](Path(run_dir), project or Path(run_dir).name, config)
-            for name in chosen(names)]
+    from mlxtune.errors import MlxtuneError
+
+    opened = []
+    for name in chosen(names):
+        try:
+            opened.append(_CLASSES[name](Path(run_dir), project or Path(run_dir).name, config))
+        except Exception as e:  # e.g. an MLFLOW_TRACKING_URI that does not answer
+            for tracker in opened:
+                tracker.close()
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise MlxtuneError(f"report_to {name}: could not start its run: {first}") from None
+    return opened
