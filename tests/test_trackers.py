@@ -130,3 +130,22 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "unknown-scheme://nowhere")
     with pytest.raises(MlxtuneError, match=r"^report_to mlflow: could not start its run: "):
         open_trackers(["mlflow"], tmp_path / "run", None, {"rank": 8})
+
+
+def test_only_rank_0_logs_to_the_trackers(tmp_path, tiny_qmodel_dir):
+    import subprocess
+
+    pytest.importorskip("tensorboardX", reason="the tensorboard extra is not installed")
+    pytest.importorskip("tensorboard", reason="TensorBoard's event reader is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = train_config(tmp_path, tiny_qmodel_dir, iters=2, batch_size=2, steps_per_report=1,
+                          steps_per_eval=2, report_to="tensorboard")
+    proc = subprocess.run([sys.executable, "-m", "mlxtune", "train", str(config), "-n", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    board = tmp_path / "run" / "tensorboard"
+    assert len(list(board.glob("events.out.tfevents.*"))) == 1  # one writer, not one per rank
+    events = EventAccumulator(str(board)).Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("val_loss")] == [0, 2]
