@@ -44,10 +44,12 @@ app.add_typer(models_app, name="models")
 def _table(rows: list[dict], columns: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(*columns, box=None, pad_edge=False)
     for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
+        # Text, not markup: a file name like data[1].json or a dataset's name[train] shows as is.
+        table.add_row(*(Text(str(row.get(c, ""))) for c in columns))
     Console(soft_wrap=True).print(table)
 
 
@@ -101,7 +103,9 @@ def models_convert(
 @app.command()
 def prepare(
     raw: list[Path] = typer.Argument(..., help="Raw data: .json, .jsonl, .csv, .tsv, .txt, "
-                                               ".parquet (several are merged)."),
+                                               ".parquet files, Hugging Face datasets (a "
+                                               "save_to_disk folder or a hub id such as "
+                                               "org/name); several are merged."),
     out: Path = typer.Option(..., "--out", help="Folder for train/valid/test.jsonl and "
                                                 "report.json (replaced atomically)."),
     format_: str = typer.Option("auto", "--format", help="auto, alpaca, sharegpt, chat, "
@@ -123,13 +127,18 @@ def prepare(
     strict: bool = typer.Option(False, "--strict", help="Stop at the first row that would be "
                                 "dropped (malformed, empty, unanswered, duplicate, too long); "
                                 "write nothing."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of Hugging Face dataset "
+                                        "inputs to read (default: train, or the only one)."),
+    subset: Optional[str] = typer.Option(None, "--subset", help="Configuration (subset) of hub "
+                                         "dataset inputs."),
 ) -> None:
     """Turn raw data into mlx-lm's train/valid/test JSONL: detect, clean, dedupe, split, report."""
     from mlxtune.prepare import PrepareOptions, prepare_dataset
 
     options = PrepareOptions(format=format_, columns=columns, system=system,
                              valid_fraction=valid_fraction, test_fraction=test_fraction,
-                             seed=seed, model=model, max_tokens=max_tokens, strict=strict)
+                             seed=seed, model=model, max_tokens=max_tokens, strict=strict,
+                             split=split, subset=subset)
     report = prepare_dataset(raw, out, options)
     for rows, names in report.tables():
         _table(rows, names)
@@ -201,7 +210,7 @@ def eval_(
 
 @app.command()
 def fuse(
-    out: Path = typer.Option(..., "--out", help="Folder to write the fused model to."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write the fused model to."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder of mlxtune train "
                                        "(runs/NAME)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder "
@@ -213,12 +222,17 @@ def fuse(
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="Also write this GGUF file "
                                         "(llama-family models)."),
     gguf_type: str = typer.Option("f16", "--gguf-type", help="GGUF weights: f16, q8_0 or q4_0."),
+    ollama: Optional[Path] = typer.Option(None, "--ollama", help="Also write this folder: the "
+                                          "model as GGUF and a Modelfile for `ollama create`."),
+    gguf_adapter: Optional[Path] = typer.Option(None, "--gguf-adapter", help="Write the adapter "
+                                                "alone as a llama.cpp GGUF LoRA file (no --out "
+                                                "needed)."),
 ) -> None:
     """Merge an adapter into its base model; report how much the merge moved the logits."""
     from mlxtune.fuse import fuse as fuse_adapter
 
     fuse_adapter(out, run=run, adapter=adapter, model=model, dequantize=dequantize, gguf=gguf,
-                 gguf_type=gguf_type)
+                 gguf_type=gguf_type, ollama=ollama, gguf_adapter=gguf_adapter)
 
 
 @app.command()

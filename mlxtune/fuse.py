@@ -4,7 +4,9 @@ The merge is mlx-lm's own (`LoRALinear.fuse`, `DoRALinear.fuse`). A quantized ba
 (each fused layer re-quantized with its own bits and group size), and because re-quantizing can
 erase a small LoRA delta (mlx-examples #507), every fuse measures the drift: fused vs unfused logits
 on a few validation examples. `--dequantize` writes fp16 weights in Hugging Face names that
-transformers loads; `--gguf` also writes a llama.cpp file (see mlxtune/gguf_export.py).
+transformers loads; `--gguf` also writes a llama.cpp file (see mlxtune/gguf_export.py), and
+`--ollama` a folder `ollama create` takes (see mlxtune/ollama.py); `--gguf-adapter` writes the
+adapter alone as a llama.cpp GGUF LoRA (see mlxtune/gguf_adapter.py), with or without a merge.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ class Drift:
 class FuseResult:
     """What `fuse` wrote and what it measured."""
 
-    out: Path
+    out: Path | None  # None: only the GGUF adapter was written
     quantized: bool
     drift: Drift | None = None
     gguf: Path | None = None
+    ollama: Path | None = None
+    gguf_adapter: Path | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -103,13 +107,12 @@ def _load(model_dir: Path, adapter_dir: Path | None = None):
     return model, tokenizer, config
 
 
-def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
+def fuse(out: Path | None, run: Path | None = None, adapter: Path | None = None,
          model: str | None = None, dequantize: bool = False, gguf: Path | None = None,
-         gguf_type: str = "f16", say=print) -> FuseResult:
-    """Merge the adapter into its base, write a model folder at `out` (and a GGUF), report drift."""
-    from mlx_lm.utils import dequantize_model, save
-
-    from mlxtune.models.folder import atomic_folder
+         gguf_type: str = "f16", ollama: Path | None = None, gguf_adapter: Path | None = None,
+         say=print) -> FuseResult:
+    """Merge the adapter into its base, write a model folder at `out` (and a GGUF, an Ollama
+    folder), report drift; and/or write the adapter alone as a GGUF LoRA."""
     from mlxtune.models.resolve import resolve_model
 
     adapter_dir = find_adapter(run, adapter)
@@ -118,11 +121,40 @@ def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
     if not model:
         raise MlxtuneError(f"{adapter_dir}/adapter_config.json does not record its base model; "
                            "pass --model")
-    if gguf is not None:
+    if out is None and (gguf_adapter is None or gguf is not None or ollama is not None
+                        or dequantize):
+        raise MlxtuneError("give --out DIR for the fused model (needed by --gguf, --ollama and "
+                           "--dequantize), or --gguf-adapter FILE alone, or both")
+    if gguf is not None or ollama is not None:
         from mlxtune.gguf_export import check_gguf_type
 
         check_gguf_type(gguf_type)
     model_dir = resolve_model(model)
+    written = None
+    if gguf_adapter is not None:
+        # The adapter alone needs no weights of the base, so it comes before the merge.
+        written = _write_gguf_adapter(adapter_dir, model_dir, Path(gguf_adapter), say)
+        if out is None:
+            return FuseResult(out=None, quantized=False, gguf_adapter=written)
+    if ollama is not None:
+        from mlx_lm.utils import load_tokenizer
+
+        from mlxtune.ollama import chat_pieces
+
+        chat_pieces(load_tokenizer(model_dir))  # a template Ollama cannot take fails here, early
+    result = _merge(Path(out), model, model_dir, adapter_dir, adapter_cfg, dequantize, say)
+    result.gguf_adapter = written
+    _export(result, gguf, ollama, gguf_type, say)
+    return result
+
+
+def _merge(out: Path, model: str, model_dir: Path, adapter_dir: Path, adapter_cfg: dict,
+           dequantize: bool, say) -> FuseResult:
+    """Fuse, write the model folder at `out` atomically, and measure the drift."""
+    from mlx_lm.utils import dequantize_model, save
+
+    from mlxtune.models.folder import TOKENIZER_FILES, atomic_folder
+
     net, tokenizer, config = _load(model_dir, adapter_dir)
     n = fuse_layers(net, dequantize=dequantize)
     say(f"merged {adapter_cfg.get('fine_tune_type', 'lora')} adapter into {n} layers of {model}")
@@ -134,12 +166,10 @@ def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
         config.pop("quantization_config", None)
         config["torch_dtype"] = "float16"
     quantized = "quantization" in config
-    tmp, commit = atomic_folder(Path(out))
+    tmp, commit = atomic_folder(out)
     try:
         save(tmp, model_dir, net, tokenizer, config, donate_model=False)
         # Keep the chat template and other tokenizer files exactly as the base has them.
-        from mlxtune.models.folder import TOKENIZER_FILES
-
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file() and not (tmp / name).is_file():
                 shutil.copy(model_dir / name, tmp / name)
@@ -160,12 +190,31 @@ def fuse(out: Path, run: Path | None = None, adapter: Path | None = None,
                 "the fine-tune exactly")
         result.notes.append(note)
         say(f"note: {note}")
+    return result
+
+
+def _export(result: FuseResult, gguf: Path | None, ollama: Path | None, gguf_type: str,
+            say) -> None:
+    """Write the fused folder on as a GGUF file and/or an Ollama folder."""
     if gguf is not None:
         from mlxtune.gguf_export import write_gguf
 
-        result.gguf = write_gguf(out, Path(gguf), gguf_type)
+        result.gguf = write_gguf(result.out, Path(gguf), gguf_type)
         say(f"wrote {result.gguf} ({gguf_type})")
-    return result
+    if ollama is not None:
+        from mlxtune.ollama import write_ollama
+
+        result.ollama = write_ollama(result.out, Path(ollama), gguf_type)
+        say(f"wrote {result.ollama}: model.gguf ({gguf_type}) and Modelfile; then: "
+            f"ollama create NAME -f {result.ollama / 'Modelfile'}")
+
+
+def _write_gguf_adapter(adapter_dir: Path, model_dir: Path, path: Path, say) -> Path:
+    from mlxtune.gguf_adapter import write_gguf_adapter
+
+    written, alpha, layers = write_gguf_adapter(adapter_dir, model_dir, path)
+    say(f"wrote {written} (GGUF LoRA, alpha {alpha:g}, {layers} layers)")
+    return written
 
 
 def _cast_floats(params, dtype):

@@ -44,6 +44,16 @@ case "$(uname -s)" in
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
         || echo "setup: warning: could not install chromium; the report browser test will skip" >&2
     fi
+    # The Ollama export's test renders its Modelfile TEMPLATE with Go's text/template, the
+    # engine Ollama runs (golang-go, ~430 MB; the test skips without it).
+    if ! command -v go >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+        && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing golang-go (Go's text/template for the Ollama template test)"
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go \
+        >/dev/null || echo "setup: warning: could not install golang-go; the Ollama template" \
+        "test will skip" >&2
+    fi
     ;;
   *) extras="dev" ;;
 esac

@@ -23,7 +23,7 @@ def _problems(tmp_path, yaml_text, overrides=()):
     ("lora_parameters:\n  scale: 10\n  alpha: 16\n", "give either alpha"),
     ("fine_tune_type: full\nquantize: {bits: 4}\n", "full fine-tuning needs float weights"),
     ("quantize: {bits: 3}\n", "quantize.bits: expected one of 4, 8, got 3"),
-    ("report_to: wandb\n", "'wandb' is not supported"),
+    ("report_to: [tensorbord]\n", "unknown tracker 'tensorbord'; did you mean 'tensorboard'?"),
     ("lora_parameters: 8\n", "lora_parameters: expected a mapping"),
     ("model: [a, b\n", "not valid YAML"),
     ("- a\n- b\n", "must be a mapping"),

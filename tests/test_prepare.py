@@ -247,13 +247,43 @@ def test_splits_deterministic_disjoint_and_independent_of_file_order(tmp_path):
     m1, m2, m3 = membership(tmp_path / "o1"), membership(tmp_path / "o2"), membership(tmp_path /
                                                                                     "o3")
     assert m1 == m2 and m1 != m3
-    assert r1.kept == r2.kept == {"train": 238, "valid": 39, "test": 23}
+    assert r1.kept == r2.kept == r3.kept == {"train": 240, "valid": 30, "test": 30}
     assert not (m1["train"] & m1["valid"] or m1["train"] & m1["test"] or m1["valid"] & m1["test"])
     assert sum(len(s) for s in m1.values()) == 300 and sum(r3.kept.values()) == 300
     assert (tmp_path / "o1" / "train.jsonl").read_bytes() == (tmp_path / "o1" /
                                                               "train.jsonl").read_bytes()
     again = prepare_dataset([a, b], tmp_path / "o1", PrepareOptions(seed=7))
     assert again.kept == r1.kept and membership(tmp_path / "o1") == m1
+
+
+@pytest.mark.parametrize("n, valid, test, sizes", [
+    (50, 0.1, 0.1, (40, 5, 5)),   # the hash-band split once gave 36/11/3 here
+    (7, 0.2, 0.15, (5, 1, 1)),
+    (1000, 0.05, 0.0, (950, 50, 0)),
+    (3, 0.1, 0.1, (1, 1, 1)),
+    (2, 0.1, 0.1, (1, 0, 1)),     # train keeps one example before valid gets one
+])
+def test_split_sizes_are_exact(tmp_path, n, valid, test, sizes):
+    raw = write_lines(tmp_path / "rows.jsonl", [json.dumps({"text": f"doc {i}"}) for i in range(n)])
+    report = prepare_dataset([raw], tmp_path / "out", PrepareOptions(valid_fraction=valid,
+                                                                      test_fraction=test))
+    assert tuple(report.kept.values()) == sizes
+    assert tuple(len(read_split(tmp_path / "out", s)) for s in ("train", "valid", "test")) == sizes
+    assert sorted(tmp_path.joinpath("out").iterdir()) == [
+        tmp_path / "out" / f for f in ("report.json", "test.jsonl", "train.jsonl", "valid.jsonl")]
+
+
+def test_split_is_by_rank_of_the_seeded_hash(tmp_path):
+    from mlxtune.prepare.splits import digest_example
+
+    raw = write_lines(tmp_path / "rows.jsonl", [json.dumps({"text": f"doc {i}"}) for i in range(20)])
+    prepare_dataset([raw], tmp_path / "out", PrepareOptions(seed=3, valid_fraction=0.25,
+                                                            test_fraction=0.25))
+    ranked = sorted((json.dumps(read_split(tmp_path / "out", s)[i], ensure_ascii=False), s)
+                    for s in ("train", "valid", "test")
+                    for i in range(len(read_split(tmp_path / "out", s))))
+    by_score = sorted(ranked, key=lambda ls: digest_example(ls[0].encode(), 3)[1])
+    assert [s for _, s in by_score] == ["test"] * 5 + ["valid"] * 5 + ["train"] * 10
 
 
 def test_small_data_still_gets_a_valid_and_test_example(tmp_path):

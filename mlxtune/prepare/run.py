@@ -2,7 +2,8 @@
 
 Order of work: check options and the output folder, open every file and detect its shape from
 its first record, settle on one mlx-lm format, and only then load a tokenizer (if asked) and
-stream every row once: read, normalise, deduplicate, count tokens, append to its split.
+stream every row once: read, normalise, deduplicate, count tokens, append to a spool; then cut
+the spool into exact-size splits by a seeded content hash (mlxtune/prepare/splits.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from mlxtune.prepare.readers import Malformed, Source
 from mlxtune.prepare.report import DropLog, Report, token_stats
 from mlxtune.prepare.shapes import (FORMATS, Drop, Shape, as_chat, detect_shape, parse_columns,
                                     to_example)
-from mlxtune.prepare.splits import SPLITS, digest_example, move_lines, pick_split
+from mlxtune.prepare.splits import (SPLITS, assign_splits, digest_example, split_sizes,
+                                    write_splits)
 
 OUTPUT_FILES = {f"{s}.jsonl" for s in SPLITS} | {"report.json"}
 # Inputs at least this large get a progress bar (on a terminal).
@@ -44,6 +46,8 @@ class PrepareOptions:
     max_tokens: int | None = None
     strict: bool = False
     progress: bool | None = None  # None: only for large inputs, only on a terminal
+    split: str | None = None  # of Hugging Face dataset inputs; default train (or the only one)
+    subset: str | None = None  # configuration of hub dataset inputs
 
 
 def check_options(options: PrepareOptions) -> None:
@@ -79,7 +83,10 @@ def prepare_dataset(inputs: list, out: Path, options: PrepareOptions | None = No
         raise ConfigError(["no input files given"])
     out = Path(out)
     _check_out(out)
-    sources = [Source(p) for p in inputs]
+    sources = [_open_source(p, options) for p in inputs]
+    if (options.split or options.subset) and not any(s.kind == "dataset" for s in sources):
+        raise ConfigError(["--split and --subset choose from Hugging Face datasets (a "
+                           "save_to_disk folder or a hub id); no input is one"])
     shapes = [_file_shape(s, options) for s in sources]
     kind = _common_kind(sources, shapes, options)
     count = _token_counter(options.model, kind) if options.model else None
@@ -92,6 +99,17 @@ def prepare_dataset(inputs: list, out: Path, options: PrepareOptions | None = No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _open_source(raw, options: PrepareOptions):
+    """A file's Source, or a DatasetSource for a save_to_disk folder or a hub dataset id."""
+    from mlxtune.prepare import hf_datasets
+    from mlxtune.prepare.readers import READERS
+
+    if hf_datasets.is_saved_dataset(Path(raw)) or hf_datasets.looks_like_hub_id(str(raw),
+                                                                                READERS):
+        return hf_datasets.DatasetSource(str(raw), options.split, options.subset)
+    return Source(raw)
 
 
 def _check_out(out: Path) -> None:
@@ -164,13 +182,14 @@ def _token_counter(model: str, kind: str) -> Callable[[dict], int]:
 
 def _stream(sources: list[Source], shapes: list, kind: str, count, options: PrepareOptions,
             folder: Path, report: Report) -> None:
-    """Read every row once and write each kept example to its split file in `folder`."""
+    """Read every row once, spool each kept example, then write the splits into `folder`."""
     total = sum(s.size for s in sources)
     seen = FingerprintSet(min(max(1 << 16, 1 << (total // 256).bit_length()), 1 << 21))
     lengths = array("I")
-    lowest: list[tuple[float, int]] = []  # the two lowest-scoring train examples, for _fill_empty
+    scores = array("Q")  # one per spooled line, in spool order
     log = DropLog(report, folder / ".dropped.jsonl")
-    outs = {s: open(folder / f"{s}.jsonl", "wb", buffering=1 << 20) for s in SPLITS}
+    spool = folder / ".kept.jsonl"
+    kept = open(spool, "wb", buffering=1 << 20)
     bar = _progress_bar(total, options.progress)
     # Our examples are plain trees of dicts, lists and strings: no cycle check needed.
     encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
@@ -206,49 +225,29 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
                     stats["dropped"] += 1
                     log.add(label, source.unit, position, d.reason, d.why)
                     continue
-                split = pick_split(score, options.valid_fraction, options.test_fraction)
-                if split == "train" and (len(lowest) < 2 or score < lowest[-1][0]):
-                    lowest = sorted([*lowest, (score, report.kept["train"])])[:2]
-                outs[split].write(line + b"\n")
-                report.kept[split] += 1
+                kept.write(line + b"\n")
+                scores.append(score)
                 stats["kept"] += 1
                 if n is not None:
                     lengths.append(n)
             done += source.size
-        for f in outs.values():
-            f.close()
-        if not any(report.kept.values()):
+        kept.close()
+        del seen  # its slots are no longer needed while the splits are cut and written
+        if not scores:
             reasons = ", ".join(f"{n} {r}" for r, n in report.dropped.items()) or "no rows"
             raise DataError(f"no examples left to write ({reasons}); nothing was written; run "
                             "with --strict to see the first bad row")
-        _fill_empty(folder, report, options, lowest)
+        report.kept, notes = split_sizes(len(scores), options.valid_fraction,
+                                         options.test_fraction)
+        report.notes += notes
+        write_splits(spool, assign_splits(scores, report.kept), folder)
         report.tokens = token_stats(lengths)
         log.write_report(folder / "report.json")
     finally:
-        for f in outs.values():
-            f.close()
+        kept.close()
         log.close()
         if bar:
             bar.stop()
-
-
-def _fill_empty(folder: Path, report: Report, options: PrepareOptions, lowest: list) -> None:
-    """Give an empty valid or test split (one that was asked for) a train example.
-
-    On small data the hash split can leave a split empty, and training needs a validation set.
-    The lowest-scoring train examples move, so the choice still depends on content and seed only.
-    """
-    need = [s for s, fraction in (("test", options.test_fraction),
-                                  ("valid", options.valid_fraction))
-            if fraction > 0 and report.kept[s] == 0]
-    if not need or report.kept["train"] <= len(need):
-        return
-    moves = {index: split for (_, index), split in zip(lowest, need)}
-    move_lines(folder, "train", moves)
-    for split in moves.values():
-        report.kept["train"] -= 1
-        report.kept[split] += 1
-        report.notes.append(f"the hash split left {split} empty: moved 1 example from train")
 
 
 def _progress_bar(total: int, enabled: bool | None):

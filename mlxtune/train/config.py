@@ -127,14 +127,20 @@ class TrainConfig:
     train: bool = setting(True, "mlx-lm compatibility: mlxtune train always trains.")
     test: bool = setting(False, "Report the test-set loss at the end (needs test.jsonl).")
     test_batches: int = setting(500, "Test batches to evaluate; -1 for all.", min=-1)
-    report_to: Optional[str] = setting(None, "mlx-lm compatibility; only null is supported.")
-    project_name: Optional[str] = setting(None, "mlx-lm compatibility; unused.")
+    report_to: Optional[list[str]] = setting(
+        None, "Experiment trackers to log metrics and the config to, besides metrics.jsonl: "
+             "tensorboard, mlflow, wandb (offline), trackio; a list or 'a,b'. Each needs its "
+             "extra: pip install 'mlxtune[NAME]'.")
+    project_name: Optional[str] = setting(
+        None, "Tracker project (MLflow experiment) name. Default: the run folder's name.")
     trust_remote_code: bool = setting(False, "mlx-lm compatibility; custom code is never run.")
     clear_cache_threshold: int = setting(0, "mlx-lm compatibility; unused.", min=0)
 
     def check(self):
-        if self.report_to not in (None, "", "none"):
-            yield "report_to", f"{self.report_to!r} is not supported; metrics go to metrics.jsonl"
+        from mlxtune.train.trackers import tracker_problems
+
+        for problem in tracker_problems(self.report_to):
+            yield "report_to", problem
         unknown = set(self.optimizer_config) - set(OPTIMIZERS)
         for name in sorted(unknown):
             yield f"optimizer_config.{name}", f"unknown optimizer; one of {', '.join(OPTIMIZERS)}"

@@ -12,9 +12,11 @@ KEYS = ("step", "train_loss", "val_loss", "learning_rate", "tokens_per_sec", "pe
 class MetricsLog:
     """Appends metric rows to run_dir/metrics.jsonl and redraws run_dir/loss.png on request."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, trackers: list = ()):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rows: list[dict] = []
+        # Experiment trackers (mlxtune.train.trackers) get every row this log writes.
+        self.trackers = list(trackers)
         if resume_step is not None and self.path.is_file():
             # Rows after the checkpoint came from steps the resumed run will do again.
             self.rows = [r for r in map(json.loads, self.path.read_text().splitlines())
@@ -34,6 +36,15 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        values = {k: v for k, v in row.items() if k != "step"}
+        for tracker in self.trackers:
+            tracker.log(values, row["step"])
+
+    def close(self) -> None:
+        """End the trackers' runs (metrics.jsonl itself is always complete)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def plot(self) -> Path:
         """Draw train and validation loss against step into loss.png (atomically)."""

@@ -129,7 +129,14 @@ class TrainingSession:
             save_config(cfg, self.run_dir / "config.yaml")
             ckpt.write_json(self.run_dir / "adapter_config.json", adapter_config)
         self.adapter_config = adapter_config
-        self.metrics = MetricsLog(self.run_dir, start if resume else None) if self.main else None
+        self.metrics = None
+        if self.main:
+            from mlxtune.config import config_to_dict
+            from mlxtune.train.trackers import open_trackers
+
+            trackers = open_trackers(cfg.report_to, self.run_dir, cfg.project_name,
+                                     config_to_dict(cfg))
+            self.metrics = MetricsLog(self.run_dir, start if resume else None, trackers)
         self.say(f"training {trainable_count(model) / 1e6:.3f}M parameters "
                  f"({cfg.fine_tune_type}) on {len(train_set)} examples for {total} steps; "
                  f"run folder {self.run_dir}")
@@ -148,6 +155,8 @@ class TrainingSession:
         finally:
             signal.signal(signal.SIGINT, previous)
             self.progress.close()
+            if self.metrics:
+                self.metrics.close()
         return self._finish(done, result, tokenizer)
 
     def _on_sigint(self, signum, frame):
