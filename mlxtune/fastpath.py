@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxtune.cpu_math import (COMPUTE_DTYPE, attention, dequantize, dequantized_matmul,
-                              linear_cross_entropy, swiglu)
+                              linear_cross_entropy, packed_matmul, swiglu)
 
 # mlx-lm architectures whose Model.__call__ is `head(self.model(inputs))` (head: `lm_head`, or the
 # embedding when tied), whose MLP class computes `down_proj(swiglu(gate_proj(x), up_proj(x)))`
@@ -74,6 +74,37 @@ class DequantizedEmbedding(nn.QuantizedEmbedding):
         return _rebase(cls, layer)
 
 
+# Up to this many rows of x (tokens in a decode batch), an inference matmul reads the packed
+# weights; above it (prefill), de-quantizing and the BLAS matmul win. Measured on SmolLM2's shapes
+# (Xeon, AVX-512): see scripts/bench_kernels.py.
+PACKED_ROWS = 8
+
+
+def inference_matmul(x: mx.array, layer) -> mx.array:
+    """`x @ W.T` for a quantized layer at inference, the way that is fastest for x's shape: a few
+    rows read the packed weights (no gradient), more de-quantize per call and call BLAS."""
+    if x.size // x.shape[-1] <= PACKED_ROWS:
+        return packed_matmul(x, layer)
+    return dequantized_matmul(x, layer)
+
+
+class InferenceLinear(DequantizedLinear):
+    """A DequantizedLinear for generation: decoding reads the packed weights (inference only)."""
+
+    def __call__(self, x):
+        y = inference_matmul(x, self)
+        return y + self["bias"] if "bias" in self else y
+
+
+class InferenceEmbedding(DequantizedEmbedding):
+    """A DequantizedEmbedding for generation: the tied head (SmolLM2: 49152 x 576, the largest
+    matmul) reads the packed weights when decoding (inference only)."""
+
+    def as_linear(self, x):
+        """The tied output projection."""
+        return inference_matmul(x, self)
+
+
 def _rebase(cls, layer: nn.Module) -> nn.Module:
     # Same arrays, same attributes (group_size, bits, mode, frozen keys): only the class changes,
     # so no weight is copied or re-quantized.
@@ -84,14 +115,16 @@ def _rebase(cls, layer: nn.Module) -> nn.Module:
 
 
 _SWAPS = {nn.QuantizedLinear: DequantizedLinear, nn.QuantizedEmbedding: DequantizedEmbedding}
+_INFERENCE_SWAPS = {nn.QuantizedLinear: InferenceLinear,
+                    nn.QuantizedEmbedding: InferenceEmbedding}
 
 
-def dequantize_per_layer(model: nn.Module) -> int:
-    """Swap every quantized linear/embedding (also inside LoRA layers) for its de-quantizing twin;
-    returns how many were swapped."""
-    swaps = []
+def dequantize_per_layer(model: nn.Module, swaps: dict = _SWAPS) -> int:
+    """Swap every quantized linear/embedding (also inside LoRA layers) for its de-quantizing twin
+    (`swaps`: the training twins, or the inference ones); returns how many were swapped."""
+    table, swaps = swaps, []
     for path, module in model.named_modules():
-        target = _SWAPS.get(type(module))  # exact type: leaves subclasses (and ours) alone
+        target = table.get(type(module))  # exact type: leaves subclasses (and ours) alone
         if target is not None:
             swaps.append((path, target.from_quantized(module)))
     if swaps:
@@ -203,13 +236,26 @@ def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.ar
 
 def prepare_for_training(model: nn.Module, backend: str | None = None) -> nn.Module:
     """Set `model` up for this backend's fast path (CPU: de-quantize per layer, fp32, fast
-    SwiGLU and attention); in place. Inference (serve, eval) uses the same path."""
+    SwiGLU and attention); in place."""
+    return _prepare(model, backend, _SWAPS)
+
+
+def prepare_for_inference(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Set `model` up for generation on this backend, in eval mode, in place (serve, eval, fuse's
+    drift check). CPU: as training, but quantized weights stay packed for decoding (the compiled
+    kernel, no gradient) and are de-quantized per layer for prefill: the model keeps its 4-bit
+    size instead of growing 6x to fp32. Metal/CUDA: unchanged."""
+    model.eval()
+    return _prepare(model, backend, _INFERENCE_SWAPS)
+
+
+def _prepare(model: nn.Module, backend: str | None, swaps: dict) -> nn.Module:
     if backend is None:
         from mlxtune.platform import backend as current_backend
 
         backend = current_backend()
     if use_dequantized_matmul(backend):
-        dequantize_per_layer(model)
+        dequantize_per_layer(model, swaps)
         cast_floats(model)
         use_fast_mlps(model)
         use_fast_attention(model)

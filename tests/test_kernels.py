@@ -100,3 +100,97 @@ def test_softmax_parts_equal_exp_max_sum(shape):
     # Far below the max it underflows to e^-87, never to garbage.
     far = kernels.softmax_parts(mx.array([[0.0, -1000.0]]))[0]
     assert 0 <= far[0, 1].item() < 1e-37 and far[0, 0].item() == 1.0
+
+
+# ---- quantized_matmul: decoding's x @ dequantize(w).T, read from the packed weights ----
+
+def _isas():
+    """Every instruction-set path of quantized_matmul this CPU can run (x86: up to three)."""
+    if kernels.quantized_matmul is None:
+        return []
+    ours = kernels._cpu_kernels
+    found = []
+    for isa in ("avx512", "avx2", "baseline"):
+        try:
+            previous = ours.set_matmul_isa(isa)
+        except ValueError:
+            continue
+        ours.set_matmul_isa(previous)
+        found.append(isa)
+    return found
+
+
+@pytest.fixture
+def each_isa():
+    """Run the test body once per instruction set (yields a switcher), then restore the default."""
+    ours = kernels._cpu_kernels
+    default = ours.matmul_isa()
+    yield lambda isa: ours.set_matmul_isa(isa)
+    ours.set_matmul_isa(default)
+
+
+def _quantized(rows, cols, group_size, bits, dtype, seed=0):
+    w, scales, biases = mx.quantize(mx.random.normal((rows, cols), key=mx.random.key(seed)),
+                                    group_size=group_size, bits=bits)
+    return w, scales.astype(dtype), biases.astype(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_quantized_matmul_equals_mlx(bits, group_size, dtype, each_isa):
+    # 77 output rows (odd: no row tail is special), 1..8 rows of x and 11 (two passes).
+    w, scales, biases = _quantized(77, 384, group_size, bits, dtype, seed=bits + group_size)
+    s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)
+    dense = mx.dequantize(w, s32, b32, group_size=group_size, bits=bits)
+    assert _isas(), "no instruction set found"
+    for isa in _isas():
+        each_isa(isa)
+        for rows in (1, 2, 3, 5, 8, 11):
+            x = mx.random.normal((rows, 384), key=mx.random.key(rows))
+            got = kernels.quantized_matmul(x, w, scales, biases, group_size, bits)
+            want = mx.quantized_matmul(x, w, s32, b32, transpose=True, group_size=group_size,
+                                       bits=bits)
+            assert got.shape == (rows, 77) and got.dtype == mx.float32
+            # fp32 rounding of a 384-term sum, in another order than MLX's.
+            tol = 2e-6 * mx.abs(x) @ mx.abs(dense).T + 1e-6
+            assert (mx.abs(got - want) <= tol).all().item(), (isa, rows)
+            assert (mx.abs(got - x @ dense.T) <= tol).all().item(), (isa, rows)
+
+
+@needs_kernels
+def test_quantized_matmul_views_batches_compile_and_threads(each_isa):
+    # A 3-D x, sliced non-contiguous weights, inside mx.compile, and a weight big enough to be
+    # split over the threads, on every instruction set.
+    w, scales, biases = _quantized(4096, 256, 64, 4, mx.float16, seed=7)
+    x = mx.random.normal((2, 3, 256), key=mx.random.key(8))
+    dense = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
+                          group_size=64, bits=4)
+    want = x @ dense.T
+    for isa in _isas():
+        each_isa(isa)
+        got = kernels.quantized_matmul(x, w, scales, biases, 64, 4)
+        assert got.shape == (2, 3, 4096)
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-4).item(), isa
+        half = kernels.quantized_matmul(x, w[::2], scales[::2], biases[::2], 64, 4)
+        assert mx.allclose(half, want[..., ::2], rtol=1e-5, atol=1e-4).item(), isa
+        fn = mx.compile(lambda x, w, s, b: 2 * kernels.quantized_matmul(x, w, s, b, 64, 4))
+        assert mx.allclose(fn(x, w, scales, biases), 2 * want, rtol=1e-5, atol=2e-4).item(), isa
+
+
+@needs_kernels
+def test_quantized_matmul_is_inference_only_and_checks_its_inputs():
+    w, scales, biases = _quantized(8, 64, 32, 4, mx.float16)
+    x = mx.random.normal((1, 64))
+    # Decoding needs no gradient: asking for one is an error, not a silent zero.
+    with pytest.raises(RuntimeError, match="inference only"):
+        mx.grad(lambda x: kernels.quantized_matmul(x, w, scales, biases, 32, 4).sum())(x)
+    with pytest.raises(ValueError, match="bits"):
+        kernels.quantized_matmul(x, w, scales, biases, 32, 3)
+    with pytest.raises(ValueError, match="group_size"):
+        kernels.quantized_matmul(x, w, scales, biases, 16, 4)
+    with pytest.raises(ValueError, match="expects"):
+        kernels.quantized_matmul(x.astype(mx.float16), w, scales, biases, 32, 4)
+    with pytest.raises(ValueError, match="expects"):
+        kernels.quantized_matmul(x[:, :32], w, scales, biases, 32, 4)

@@ -7,7 +7,9 @@
 //   shift and scaled with one multiply-add (1536 x 576: 0.22 ms instead of 1.77);
 // - softmax_parts: a row's max, exp(x - max) and the sum, for the fused cross-entropy (256 x
 //   24576: 7 ms instead of 42).
-// Both split rows over the cores and use AVX2 where the CPU has it (target_clones). See
+// - quantized_matmul (qmatmul.cpp): y = x @ dequantize(w).T for a few rows of x, reading the
+//   packed weights (decoding: 576 x 576 4-bit, 1 row: 0.18 ms in MLX's op).
+// All split rows over the cores (pool.h) and use AVX2 or AVX-512 where the CPU has it. See
 // mlxtune/kernels/__init__.py for how mlxtune falls back to MLX's ops without them.
 
 #include <algorithm>
@@ -19,16 +21,17 @@
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "kernels.h"
 #include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
+#include "pool.h"
 
-namespace mx = mlx::core;
 namespace nb = nanobind;
 using namespace nb::literals;
+using mlxtune::parallel_rows;
 
 namespace {
 
@@ -69,28 +72,6 @@ __attribute__((target_clones("avx2", "default"))) void dequantize_rows(
       }
     }
   }
-}
-
-// Below this many output elements per thread, one thread is faster than starting another; past
-// MAX_THREADS the copy is bound by memory bandwidth, not by cores.
-constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;
-constexpr unsigned MAX_THREADS = 8;
-
-// body(a, b) for row ranges of `rows`, split over the cores when the work is big enough.
-template <typename F>
-void parallel_rows(int64_t rows, int64_t cols, F&& body) {
-  int threads = static_cast<int>(std::min<int64_t>(
-      std::clamp(std::thread::hardware_concurrency(), 1u, MAX_THREADS),
-      rows * cols / PARALLEL_ELEMENTS));
-  threads = std::max(threads, 1);
-  const int64_t step = (rows + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t a = t * step, b = std::min(rows, a + step);
-    if (a < b) pool.emplace_back(body, a, b);
-  }
-  body(0, std::min(rows, step));
-  for (auto& t : pool) t.join();
 }
 
 template <typename S>
@@ -304,5 +285,12 @@ NB_MODULE(_cpu_kernels, m) {
         "De-quantize affine 4/8-bit packed weights (rows x words, uint32) to float32.");
   m.def("softmax_parts", &softmax_parts, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
         "exp(x - max), max and the sum of the former over the last axis (float32).");
+  m.def("quantized_matmul", &mlxtune::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a,
+        "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ dequantize(w).T for float32 x and 4/8-bit affine weights, fast for a few rows of x "
+        "(decoding); inference only (no gradient).");
+  m.def("matmul_isa", &mlxtune::matmul_isa, "The instruction set quantized_matmul uses.");
+  m.def("set_matmul_isa", &mlxtune::set_matmul_isa, "isa"_a,
+        "Use another instruction set the CPU has (avx512, avx2, baseline); returns the previous.");
   m.attr("MLX_VERSION") = mx::version();
 }

@@ -19,39 +19,13 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxtune.errors import MlxtuneError, ModelError
+from mlxtune.fastpath import prepare_for_inference
 
 _LINEAR = (nn.Linear, nn.QuantizedLinear)
 
 
 class AdapterError(MlxtuneError):
     """An adapter that cannot be served: missing, wrong shape, rank too high, unknown name."""
-
-
-def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Set a loaded model up for fast generation on this backend (the one place that decides)."""
-    from mlxtune.fastpath import prepare_for_training, use_dequantized_matmul
-    from mlxtune.platform import available_memory, backend
-
-    model.eval()
-    if not use_dequantized_matmul(backend()):
-        return model  # Metal/CUDA: MLX's quantized and fp16 kernels are the fast path
-    # CPU: fp16 and quantized matmuls skip BLAS. Decoding touches every weight per token, so
-    # de-quantizing per call (training's choice) costs more than the matmul: when fp32 weights
-    # fit easily, de-quantize once; otherwise keep 4-bit storage and de-quantize per layer.
-    n = 0
-    for _, m in model.named_modules():
-        bits = getattr(m, "bits", None) if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) \
-            else None
-        own = [v for k, v in m.items() if isinstance(v, mx.array)]
-        n += m.weight.size * 32 // bits if bits else sum(v.size for v in own)
-    if 4 * n * 4 < available_memory():
-        from mlx_lm.utils import dequantize_model
-
-        dequantize_model(model)
-        model.set_dtype(mx.float32)
-    else:
-        prepare_for_training(model)
-    return model
 
 
 def compute_dtype(model: nn.Module):

@@ -1,0 +1,25 @@
+// What the kernels' translation units share: the MLX namespace alias and the functions the
+// nanobind module (cpu_kernels.cpp) binds from qmatmul.cpp.
+#pragma once
+
+#include <string>
+
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+
+namespace mlxtune {
+
+// x @ dequantize(w, scales, biases).T for float32 x (..., K) and 4/8-bit affine w (N, K*bits/32);
+// fast for a few rows of x (decoding), inference only.
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits,
+                           mx::StreamOrDevice s = {});
+
+// The instruction set quantized_matmul uses ("avx512", "avx2" or "baseline"), and a switch to
+// another the CPU has (tests check every path on one machine); returns the previous one.
+std::string matmul_isa();
+std::string set_matmul_isa(const std::string& isa);
+
+}  // namespace mlxtune
