@@ -179,6 +179,8 @@ def test_inference_keeps_weights_packed_and_picks_the_matmul_by_rows(tiny_qmodel
     prepare_for_inference(model, "cpu")
     assert not model.training
     assert type(model.layers[0].self_attn.q_proj) is InferenceLinear
+    assert type(model.layers[0].input_layernorm) is fastpath.InferenceRMSNorm
+    assert type(model.layers[0].self_attn.rope) is fastpath.InferenceRoPE
     assert model.layers[0].mlp.down_proj.weight.dtype == mx.uint32  # still 4 bits
     calls = []
     for name in ("packed_matmul", "dequantized_matmul"):

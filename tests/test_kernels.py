@@ -194,3 +194,32 @@ def test_quantized_matmul_is_inference_only_and_checks_its_inputs():
         kernels.quantized_matmul(x.astype(mx.float16), w, scales, biases, 32, 4)
     with pytest.raises(ValueError, match="expects"):
         kernels.quantized_matmul(x[:, :32], w, scales, biases, 32, 4)
+
+
+# ---- rms_norm and rope: MLX's fast ops as one op each, for decoding ----
+
+@needs_kernels
+def test_rms_norm_equals_mlx():
+    x = mx.random.normal((3, 7, 576), key=mx.random.key(9))
+    w = mx.random.normal((576,), key=mx.random.key(10))
+    for view in (x, x.transpose(1, 0, 2), x[:, ::2]):  # contiguous and strided rows
+        want = mx.fast.rms_norm(view, w, 1e-5)
+        assert mx.allclose(kernels.rms_norm(view, w, 1e-5), want, rtol=1e-5, atol=1e-6).item()
+    with pytest.raises(RuntimeError, match="inference only"):
+        mx.grad(lambda x: kernels.rms_norm(x, w, 1e-5).sum())(x)
+
+
+@needs_kernels
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims", [64, 32])
+def test_rope_equals_mlx(traditional, dims):
+    # (batch, heads, tokens, head_dim) as attention passes it: a transposed view.
+    x = mx.random.normal((2, 5, 9, 64), key=mx.random.key(11)).transpose(0, 2, 1, 3)
+    for offset in (0, 37, mx.array([3, 100])):  # one position, or one per batch row
+        want = mx.fast.rope(x, dims, traditional=traditional, base=100000.0, scale=0.5,
+                            offset=offset)
+        got = kernels.rope(x, dims, traditional, 100000.0, 0.5,
+                           offset if isinstance(offset, mx.array) else mx.array(offset))
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item(), offset
+    with pytest.raises(ValueError, match="offset"):
+        kernels.rope(x, dims, traditional, 1e4, 1.0, mx.array([1, 2, 3]))

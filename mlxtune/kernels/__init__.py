@@ -49,6 +49,8 @@ _OK = _cpu_kernels is not None and _usable(_cpu_kernels)
 dequantize = _cpu_kernels.dequantize if _OK else None
 softmax_parts = _cpu_kernels.softmax_parts if _OK else None
 quantized_matmul = _cpu_kernels.quantized_matmul if _OK else None
+rms_norm = _cpu_kernels.rms_norm if _OK else None
+rope = _cpu_kernels.rope if _OK else None
 
 
 def status() -> str:
@@ -56,4 +58,4 @@ def status() -> str:
     if dequantize is None:
         return _REASON
     return ("in use (compiled 4/8-bit de-quantizer and quantized matmul "
-            f"[{_cpu_kernels.matmul_isa()}], softmax parts)")
+            f"[{_cpu_kernels.matmul_isa()}], softmax parts, rms_norm, rope)")

@@ -9,7 +9,9 @@
 //   24576: 7 ms instead of 42).
 // - quantized_matmul (qmatmul.cpp): y = x @ dequantize(w).T for a few rows of x, reading the
 //   packed weights (decoding: 576 x 576 4-bit, 1 row: 0.18 ms in MLX's op).
-// All split rows over the cores (pool.h) and use AVX2 or AVX-512 where the CPU has it. See
+// - rms_norm, rope (decode_ops.cpp): MLX's fast ops as one op each (their CPU fallbacks are
+//   ~6 and ~15 ops, most of a decode step's per-op overhead).
+// The big ones split rows over the cores (pool.h) and use AVX2 or AVX-512 where the CPU has it. See
 // mlxtune/kernels/__init__.py for how mlxtune falls back to MLX's ops without them.
 
 #include <algorithm>
@@ -289,6 +291,13 @@ NB_MODULE(_cpu_kernels, m) {
         "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x @ dequantize(w).T for float32 x and 4/8-bit affine weights, fast for a few rows of x "
         "(decoding); inference only (no gradient).");
+  m.def("rms_norm", &mlxtune::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "x * rsqrt(mean(x^2) + eps) * weight over the last axis "
+        "(float32, one op; inference only).");
+  m.def("rope", &mlxtune::rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a,
+        "offset"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Rotary position embedding as mx.fast.rope computes it (float32, one op; inference "
+        "only); offset: an int32 array, one value or one per batch row.");
   m.def("matmul_isa", &mlxtune::matmul_isa, "The instruction set quantized_matmul uses.");
   m.def("set_matmul_isa", &mlxtune::set_matmul_isa, "isa"_a,
         "Use another instruction set the CPU has (avx512, avx2, baseline); returns the previous.");

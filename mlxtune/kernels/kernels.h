@@ -17,6 +17,13 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
                            const mx::array& biases, int group_size, int bits,
                            mx::StreamOrDevice s = {});
 
+// MLX's fast.rms_norm and fast.rope formulas as one CPU op each (their CPU fallbacks are ~6
+// and ~15 ops); float32, inference only. rope's offset: one int32, or one per batch row.
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps,
+                   mx::StreamOrDevice s = {});
+mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale,
+               const mx::array& offset, mx::StreamOrDevice s = {});
+
 // The instruction set quantized_matmul uses ("avx512", "avx2" or "baseline"), and a switch to
 // another the CPU has (tests check every path on one machine); returns the previous one.
 std::string matmul_isa();

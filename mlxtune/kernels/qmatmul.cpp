@@ -190,6 +190,22 @@ void lay_out_x(const float* x, float* out, int64_t M, int64_t K, int bits, int m
   }
 }
 
+// `a`'s data as a plain row-major buffer: its own when it is one, else a copy into `copy`.
+const void* row_major(const mx::array& a, std::vector<char>& copy) {
+  if (a.flags().row_contiguous) return a.data<char>();
+  const int64_t item = a.itemsize(), n = a.size();
+  copy.resize(n * item);
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t rest = i, offset = 0;
+    for (int axis = a.ndim() - 1; axis >= 0; --axis) {
+      offset += (rest % a.shape(axis)) * a.strides()[axis];
+      rest /= a.shape(axis);
+    }
+    std::memcpy(copy.data() + i * item, a.data<char>() + offset * item, item);
+  }
+  return copy.data();
+}
+
 void run_matmul(QArgs a) {
   const Isa isa = isa_now();
   std::vector<float> x(a.M * a.K);
@@ -211,16 +227,26 @@ class QuantizedMatmul : public mx::Primitive {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (auto& in : inputs) encoder.set_input_array(in);
     encoder.set_output_array(out);
-    const auto& x = inputs[0];
     const auto& scales = inputs[2];
-    QArgs a{x.data<float>(), inputs[1].data<uint8_t>(), scales.data<void>(),
-            inputs[3].data<void>(), out.data<float>(), static_cast<int64_t>(x.size() / x.shape(-1)),
-            x.shape(-1), out.shape(-1), group_size_, bits_,
+    QArgs a{nullptr, nullptr, nullptr, nullptr, out.data<float>(),
+            static_cast<int64_t>(inputs[0].size() / inputs[0].shape(-1)), inputs[0].shape(-1),
+            out.shape(-1), group_size_, bits_,
             scales.dtype() == mx::float32   ? SCALE_F32
             : scales.dtype() == mx::float16 ? SCALE_F16
                                             : SCALE_BF16,
             static_cast<int>(scales.itemsize())};
-    encoder.dispatch([a]() { run_matmul(a); });
+    encoder.dispatch([a, inputs]() mutable {
+      // Views (a sliced weight, a transposed x) are copied here: an mx::contiguous per input
+      // would add four ops to every matmul, a fifth of a decode step's per-op overhead.
+      std::vector<char> copies[4];
+      const void* data[4];
+      for (int i = 0; i < 4; ++i) data[i] = row_major(inputs[i], copies[i]);
+      a.x = static_cast<const float*>(data[0]);
+      a.w = static_cast<const uint8_t*>(data[1]);
+      a.scales = data[2];
+      a.biases = data[3];
+      run_matmul(a);
+    });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -278,16 +304,11 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
     throw std::invalid_argument(
         "[mlxtune quantized_matmul] scales must be float32/16 or bfloat16.");
   }
-  auto stream = mx::to_stream(s);
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  // The kernel reads plain row-major buffers.
-  std::vector<mx::array> inputs;
-  for (const auto* in : {&x, &w, &scales, &biases}) {
-    inputs.push_back(mx::contiguous(*in, false, stream));
-  }
   return mx::array(shape, mx::float32,
-                   std::make_shared<QuantizedMatmul>(stream, group_size, bits), inputs);
+                   std::make_shared<QuantizedMatmul>(mx::to_stream(s), group_size, bits),
+                   {x, w, scales, biases});
 }
 
 std::string matmul_isa() {
