@@ -203,14 +203,20 @@ FAST_ATTENTION_SCORES = 1 << 24
 
 
 def _cpu_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
-    """mlx-lm's scaled_dot_product_attention, with the fast-exp attention for the cases it covers
-    (fp32, no quantized cache, no sinks, a causal or 2-D mask, not too long) and mlx-lm's own
-    otherwise."""
+    """mlx-lm's scaled_dot_product_attention, with mlxtune's one-op attention when decoding, the
+    fast-exp attention for the cases it covers (fp32, no quantized cache, no sinks, a causal or
+    2-D mask, not too long) and mlx-lm's own otherwise."""
     from mlx_lm.models.base import scaled_dot_product_attention as stock
 
     b, heads, n, _ = queries.shape
-    if (hasattr(cache, "bits") or sinks is not None or queries.dtype != mx.float32
-            or b * heads * n * keys.shape[2] > FAST_ATTENTION_SCORES
+    plain = (not hasattr(cache, "bits") and sinks is None and queries.dtype == mx.float32
+             and keys.dtype == mx.float32)
+    # A KV cache means generation, which takes no gradient (the kernel has none).
+    if (plain and cache is not None and n <= PACKED_ROWS and kernels.attention is not None
+            and (mask is None or isinstance(mask, str) or mask.dtype in (mx.bool_, mx.float32))):
+        causal = isinstance(mask, str)
+        return kernels.attention(queries, keys, values, scale, causal, None if causal else mask)
+    if (not plain or b * heads * n * keys.shape[2] > FAST_ATTENTION_SCORES
             or not (mask is None or isinstance(mask, str) or mask.ndim <= 2)):
         return stock(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     return attention(queries, keys, values, scale, mask)
@@ -284,6 +290,9 @@ def _prepare(model: nn.Module, backend: str | None, swaps: dict) -> nn.Module:
     if use_dequantized_matmul(backend):
         dequantize_per_layer(model, swaps)
         cast_floats(model)
-        use_fast_mlps(model)
+        # The fast SwiGLU saves exps and keeps its backward cheap in training; generation's
+        # SwiGLU is a few thousand numbers, where mlx-lm's single compiled op beats its ~7.
+        if swaps is _SWAPS:
+            use_fast_mlps(model)
         use_fast_attention(model)
     return model

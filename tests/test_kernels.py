@@ -223,3 +223,21 @@ def test_rope_equals_mlx(traditional, dims):
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item(), offset
     with pytest.raises(ValueError, match="offset"):
         kernels.rope(x, dims, traditional, 1e4, 1.0, mx.array([1, 2, 3]))
+
+
+@needs_kernels
+def test_attention_equals_mlx():
+    # 9 query heads on 3 key/value heads; keys and values are views of a longer cache, as
+    # mlx-lm's KV cache returns them; masks: none, causal, per-row bool, additive 2-D.
+    q = mx.random.normal((2, 9, 3, 64), key=mx.random.key(12))
+    k = mx.random.normal((2, 3, 50, 64), key=mx.random.key(13))[:, :, :40]
+    v = mx.random.normal((2, 3, 50, 64), key=mx.random.key(14))[:, :, :40]
+    masks = [None, "causal", mx.random.uniform(shape=(2, 1, 3, 40), key=mx.random.key(15)) > 0.3,
+             mx.random.normal((3, 40), key=mx.random.key(16))]
+    for mask in masks:
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+        causal = isinstance(mask, str)
+        got = kernels.attention(q, k, v, 0.125, causal, None if causal or mask is None else mask)
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item(), mask
+    with pytest.raises(ValueError, match="broadcast"):
+        kernels.attention(q, k, v, 0.125, False, mx.zeros((5, 40), mx.bool_))

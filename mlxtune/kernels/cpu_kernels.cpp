@@ -9,8 +9,8 @@
 //   24576: 7 ms instead of 42).
 // - quantized_matmul (qmatmul.cpp): y = x @ dequantize(w).T for a few rows of x, reading the
 //   packed weights (decoding: 576 x 576 4-bit, 1 row: 0.18 ms in MLX's op).
-// - rms_norm, rope (decode_ops.cpp): MLX's fast ops as one op each (their CPU fallbacks are
-//   ~6 and ~15 ops, most of a decode step's per-op overhead).
+// - rms_norm, rope, attention (decode_ops.cpp): MLX's fast ops as one op each for decoding
+//   (their CPU fallbacks are ~6, ~15 and ~12 ops, most of a decode step's per-op overhead).
 // The big ones split rows over the cores (pool.h) and use AVX2 or AVX-512 where the CPU has it. See
 // mlxtune/kernels/__init__.py for how mlxtune falls back to MLX's ops without them.
 
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
@@ -298,6 +299,9 @@ NB_MODULE(_cpu_kernels, m) {
         "offset"_a, nb::kw_only(), "stream"_a = nb::none(),
         "Rotary position embedding as mx.fast.rope computes it (float32, one op; inference "
         "only); offset: an int32 array, one value or one per batch row.");
+  m.def("attention", &mlxtune::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
+        "mask"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none(),
+        "softmax(q k^T * scale + mask) v for a few queries (float32, one op; inference only).");
   m.def("matmul_isa", &mlxtune::matmul_isa, "The instruction set quantized_matmul uses.");
   m.def("set_matmul_isa", &mlxtune::set_matmul_isa, "isa"_a,
         "Use another instruction set the CPU has (avx512, avx2, baseline); returns the previous.");

@@ -1,12 +1,14 @@
-// rms_norm and rope as single CPU ops, for generation.
+// rms_norm, rope and a few-query attention as single CPU ops, for generation.
 //
-// MLX's fast.rms_norm and fast.rope have no CPU kernels: on CPU they run their fallbacks, built
-// from ~6 (rms_norm) and ~15 (rope: arange, exp, cos, sin, slices, concatenate) ops each, two
-// norms and two ropes per layer. A decode step of SmolLM2-135M spends ~10 ms of ~25 in them,
-// almost all of it per-op overhead on a few hundred numbers. These compute the same formulas as
-// the fallbacks (mlx/fast.cpp) in one pass. fp32 only; inference only (no gradient).
+// MLX's fast.rms_norm, fast.rope and fast.scaled_dot_product_attention have no CPU kernels: on
+// CPU they run their fallbacks, built from ~6, ~15 and ~12 ops each, per layer. A decode step is
+// then mostly per-op overhead on a few hundred numbers (SmolLM2-135M: ~10 ms of ~25 in norms
+// and ropes alone). These compute the fallbacks' formulas (mlx/fast.cpp) in one pass each.
+// fp32 only; inference only (no gradient).
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -157,7 +159,116 @@ class Rope : public InferenceOnly {
   float base_, scale_;
 };
 
+// Strides of `a` broadcast to a rank-4 (B, H, L, S) shape: 0 on axes it has size 1 (or lacks).
+std::vector<int64_t> broadcast_strides(const mx::array& a) {
+  std::vector<int64_t> out(4, 0);
+  for (int i = 0; i < a.ndim(); ++i) {
+    const int axis = 4 - a.ndim() + i;
+    out[axis] = a.shape(i) == 1 ? 0 : a.strides()[i];
+  }
+  return out;
+}
+
+class Attention : public InferenceOnly {
+ public:
+  Attention(mx::Stream stream, float scale, bool causal)
+      : InferenceOnly(stream), scale_(scale), causal_(causal) {}
+
+  // softmax(q k^T * scale + mask) v for q (B, H, L, D) and k, v (B, KVH, S, D), any strides;
+  // query head h reads key/value head h / (H / KVH). Rows are (b, h, l): few when decoding.
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& in : inputs) encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    encoder.dispatch([inputs, o = out.data<float>(), scale = scale_, causal = causal_]() {
+      const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
+      const int64_t B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
+      const int64_t KVH = k.shape(1), S = k.shape(2), group = H / KVH;
+      const auto &qs = q.strides(), &ks = k.strides(), &vs = v.strides();
+      const bool has_mask = inputs.size() > 3;
+      const bool bool_mask = has_mask && inputs[3].dtype() == mx::bool_;
+      const auto ms = has_mask ? broadcast_strides(inputs[3]) : std::vector<int64_t>(4, 0);
+      std::vector<float> p(S);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t h = 0; h < H; ++h) {
+          const float* kb = k.data<float>() + b * ks[0] + (h / group) * ks[1];
+          const float* vb = v.data<float>() + b * vs[0] + (h / group) * vs[1];
+          for (int64_t l = 0; l < L; ++l) {
+            const float* qr = q.data<float>() + b * qs[0] + h * qs[1] + l * qs[2];
+            const int64_t m0 = b * ms[0] + h * ms[1] + l * ms[2];
+            float top = -INFINITY;
+            for (int64_t s = 0; s < S; ++s) {
+              float dot = 0.0f;
+              for (int64_t d = 0; d < D; ++d) dot += qr[d * qs[3]] * kb[s * ks[2] + d * ks[3]];
+              float score = dot * scale;
+              if (causal && s > l + S - L) score = -INFINITY;  // aligned to the last key
+              if (bool_mask && !inputs[3].data<bool>()[m0 + s * ms[3]]) score = -INFINITY;
+              if (has_mask && !bool_mask) score += inputs[3].data<float>()[m0 + s * ms[3]];
+              p[s] = score;
+              top = std::max(top, score);
+            }
+            float total = 0.0f;
+            for (int64_t s = 0; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
+            float* orow = o + ((b * H + h) * L + l) * D;
+            for (int64_t d = 0; d < D; ++d) orow[d] = 0.0f;
+            for (int64_t s = 0; s < S; ++s) {
+              const float w = p[s] / total;
+              for (int64_t d = 0; d < D; ++d) orow[d] += w * vb[s * vs[2] + d * vs[3]];
+            }
+          }
+        }
+      }
+    });
+  }
+
+  const char* name() const override {
+    return "MlxtuneAttention";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Attention&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+};
+
 }  // namespace
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                    bool causal, const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
+  for (const auto* a : {&q, &k, &v}) {
+    if (a->dtype() != mx::float32 || a->ndim() != 4) {
+      throw std::invalid_argument("[mlxtune attention] expects float32 (B, heads, L, D) arrays.");
+    }
+  }
+  if (k.shape() != v.shape() || q.shape(0) != k.shape(0) || q.shape(3) != k.shape(3) ||
+      q.shape(1) % k.shape(1) != 0 || k.shape(2) < q.shape(2)) {
+    throw std::invalid_argument("[mlxtune attention] q (B, H, L, D) and k, v (B, KVH, S, D) "
+                                "with H a multiple of KVH and S >= L.");
+  }
+  std::vector<mx::array> inputs = {q, k, v};
+  if (mask) {
+    if (mask->ndim() > 4 || (mask->dtype() != mx::bool_ && mask->dtype() != mx::float32)) {
+      throw std::invalid_argument("[mlxtune attention] mask: bool or float32, at most 4-D.");
+    }
+    mx::Shape full = {q.shape(0), q.shape(1), q.shape(2), k.shape(2)};
+    for (int i = 0; i < mask->ndim(); ++i) {
+      const int d = mask->shape(i), want = full[4 - mask->ndim() + i];
+      if (d != 1 && d != want) {
+        throw std::invalid_argument("[mlxtune attention] mask does not broadcast to the scores.");
+      }
+    }
+    inputs.push_back(*mask);
+  }
+  mx::Shape shape = q.shape();
+  return mx::array(shape, mx::float32,
+                   std::make_shared<Attention>(mx::to_stream(s), scale, causal), inputs);
+}
 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps,
                    mx::StreamOrDevice s) {

@@ -2,6 +2,7 @@
 // nanobind module (cpu_kernels.cpp) binds from qmatmul.cpp.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "mlx/mlx.h"
@@ -23,6 +24,13 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps,
                    mx::StreamOrDevice s = {});
 mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale,
                const mx::array& offset, mx::StreamOrDevice s = {});
+
+// softmax(q k^T * scale + mask) v for a few queries (decoding): q (B, H, L, D), k and v
+// (B, KVH, S, D) of any strides, a causal mask (aligned to the last key) and/or a bool or
+// additive float32 mask broadcasting to (B, H, L, S); float32, inference only.
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                    bool causal, const std::optional<mx::array>& mask,
+                    mx::StreamOrDevice s = {});
 
 // The instruction set quantized_matmul uses ("avx512", "avx2" or "baseline"), and a switch to
 // another the CPU has (tests check every path on one machine); returns the previous one.
