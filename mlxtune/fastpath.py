@@ -176,22 +176,35 @@ def cast_floats(model: nn.Module, dtype=COMPUTE_DTYPE) -> None:
         model.update(tree_unflatten(updates))
 
 
+def _generation_swiglu(gate, up):
+    """silu(gate) * up in one vectorized op when generating (no gradient), mlx-lm's otherwise."""
+    if kernels.swiglu is not None and gate.dtype == up.dtype == mx.float32 \
+            and gate.shape == up.shape:
+        return kernels.swiglu(gate, up)
+    from mlx_lm.models.activations import swiglu as stock
+
+    return stock(gate, up)
+
+
 @lru_cache(maxsize=None)
-def _fast_mlp_class(cls: type) -> type:
+def _fast_mlp_class(cls: type, inference: bool = False) -> type:
+    act = _generation_swiglu if inference else swiglu
+
     def __call__(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
 
+    kind = "the one-op SwiGLU (generation)" if inference else "the fast SwiGLU"
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": __name__,
-                                       "__doc__": f"{cls.__module__}.MLP with the fast SwiGLU."})
+                                       "__doc__": f"{cls.__module__}.MLP with {kind}."})
 
 
-def use_fast_mlps(model: nn.Module) -> int:
-    """Swap the MLPs of a STANDARD architecture for twins with the vectorized SwiGLU; returns how
-    many were swapped."""
+def use_fast_mlps(model: nn.Module, inference: bool = False) -> int:
+    """Swap the MLPs of a STANDARD architecture for twins with the vectorized SwiGLU (training's
+    custom-gradient one, or generation's single op); returns how many were swapped."""
     module = sys.modules.get(type(model).__module__)
     mlp = getattr(module, "MLP", None) if type(model).__module__ in STANDARD else None
-    swaps = [(path, _rebase(_fast_mlp_class(mlp), m)) for path, m in model.named_modules()
-             if mlp is not None and type(m) is mlp]
+    swaps = [(path, _rebase(_fast_mlp_class(mlp, inference), m))
+             for path, m in model.named_modules() if mlp is not None and type(m) is mlp]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
@@ -292,9 +305,7 @@ def _prepare(model: nn.Module, backend: str | None, swaps: dict) -> nn.Module:
     if use_dequantized_matmul(backend):
         dequantize_per_layer(model, swaps)
         cast_floats(model)
-        # The fast SwiGLU saves exps and keeps its backward cheap in training; generation's
-        # SwiGLU is a few thousand numbers, where mlx-lm's single compiled op beats its ~7.
-        if swaps is _SWAPS:
-            use_fast_mlps(model)
+        # Training's SwiGLU has a custom gradient (~7 ops); generation's is one op.
+        use_fast_mlps(model, inference=swaps is not _SWAPS)
         use_fast_attention(model)
     return model

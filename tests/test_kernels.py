@@ -241,3 +241,15 @@ def test_attention_equals_mlx():
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item(), mask
     with pytest.raises(ValueError, match="broadcast"):
         kernels.attention(q, k, v, 0.125, False, mx.zeros((5, 40), mx.bool_))
+
+
+@needs_kernels
+def test_swiglu_equals_mlx():
+    from mlx_lm.models.activations import swiglu
+
+    gate = mx.random.normal((8, 1, 1537), key=mx.random.key(17)) * 6  # odd width: a tail
+    up = mx.random.normal((8, 1, 1537), key=mx.random.key(18))
+    for g, u in ((gate, up), (gate[..., ::2], up[..., ::2])):
+        assert mx.allclose(kernels.swiglu(g, u), swiglu(g, u), rtol=1e-5, atol=1e-6).item()
+    with pytest.raises(RuntimeError, match="inference only"):
+        mx.grad(lambda g: kernels.swiglu(g, up).sum())(gate)

@@ -52,6 +52,7 @@ quantized_matmul = _cpu_kernels.quantized_matmul if _OK else None
 rms_norm = _cpu_kernels.rms_norm if _OK else None
 rope = _cpu_kernels.rope if _OK else None
 attention = _cpu_kernels.attention if _OK else None
+swiglu = _cpu_kernels.swiglu if _OK else None
 
 
 def status() -> str:
@@ -59,4 +60,4 @@ def status() -> str:
     if dequantize is None:
         return _REASON
     return ("in use (compiled 4/8-bit de-quantizer and quantized matmul "
-            f"[{_cpu_kernels.matmul_isa()}], softmax parts, rms_norm, rope, attention)")
+            f"[{_cpu_kernels.matmul_isa()}], softmax parts, rms_norm, rope, attention, swiglu)")

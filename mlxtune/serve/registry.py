@@ -8,6 +8,7 @@ microseconds, and the base model ("no adapter") runs at the plain model's speed.
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 from collections import OrderedDict
@@ -122,6 +123,10 @@ class AdapterRegistry:
         self.active: str | None = None
         self.lock = threading.RLock()
         mx.eval(self.model.parameters())
+        # The model's thousands of Python objects live as long as the server: keep the garbage
+        # collector from walking them again and again while it generates (~5% of a step).
+        gc.collect()
+        gc.freeze()
 
     @property
     def context_length(self) -> int:
