@@ -34,10 +34,13 @@ PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse ke
 
 
 LLAMA_CACHE = Path.home() / ".cache" / "mlxtune-bench" / "llama.cpp"
-# llama.cpp's CPU build: tuned for this CPU, but without the AMX kernels (the VMs here do not
-# grant AMX, and ggml's AMX matmul then segfaults), and without the curl model downloader.
+# llama.cpp's CPU build: tuned for this CPU, but without the AMX kernels (the VMs here report
+# AMX and do not grant it: ggml's AMX matmul dies on SIGILL), and without the curl downloader.
+# With GGML_NATIVE, ggml takes AMX from -march=native whatever GGML_AMX_* say: -mno-amx-* it is.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 LLAMA_CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_AMX_TILE=OFF",
-               "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DLLAMA_CURL=OFF"]
+               "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DLLAMA_CURL=OFF",
+               f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 
 def llama_server(cache: Path = LLAMA_CACHE) -> Path:
