@@ -10,9 +10,11 @@
 namespace mlxtune {
 namespace {
 
-// Workers spin this long for the next job before sleeping: a decode step's matmuls come tens of
-// microseconds apart, and a futex wake-up costs about as much as a small matmul.
-constexpr auto SPIN = std::chrono::microseconds(200);
+// Workers spin this long for the next job before sleeping: within a decode step the matmuls come
+// a few to a few tens of microseconds apart, and a futex wake-up costs about as much as a small
+// matmul. Not longer: between steps (sampling, Python) a spinning worker only takes the core
+// from the thread that has work, which on a 2-core machine shared with other jobs is costly.
+constexpr auto SPIN = std::chrono::microseconds(50);
 // Past this many threads the kernels are bound by memory bandwidth, not by cores.
 constexpr int MAX_THREADS = 8;
 
