@@ -3,9 +3,11 @@
 De-quantizing: MLX's CPU `quantized_matmul` is ~15x slower than de-quantizing to fp32 and
 calling the BLAS matmul, so `dequantized_matmul` does that inside a custom VJP that de-quantizes
 again in the backward pass (the fp32 copy of a weight lives only while its layer computes), in
-row chunks for big weights, each chunk ordered after the previous one. The de-quantizing itself,
-and the fused loss's exp/max/sum, run in mlxtune's compiled kernels (mlxtune/kernels) when they
-are built, and in MLX's ops (same numbers, slower) when not.
+row chunks for big weights, each chunk ordered after the previous one. Decoding (a few rows of x)
+is the exception: there de-quantizing costs more than the matmul, and `packed_matmul` reads the
+packed weights instead. The de-quantizing, the packed matmul and the fused loss's exp/max/sum run
+in mlxtune's compiled kernels (mlxtune/kernels) when they are built, and in MLX's ops (same
+numbers, slower) when not.
 
 Exp: MLX's CPU `exp` costs ~15 ns an element (scalar, a libm call per fma), so on 2 cores the softmax
 over SmolLM2's 49152-word vocabulary (12.6M exps for 256 tokens, twice: forward and backward) and
@@ -127,23 +129,28 @@ def _matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool):
     return matmul
 
 
-# Up to this many input rows (tokens), inference uses MLX's quantized matmul instead.
-QMV_TOKENS = 2
-
-
 def dequantized_matmul(x: mx.array, layer) -> mx.array:
     """`x @ W.T` for a quantized layer's W, computed in x's dtype and de-quantized per call."""
     biases = layer.get("biases")
-    if x.size // x.shape[-1] <= QMV_TOKENS:
-        # Decoding one sequence: MLX's quantized mat-vec reads the packed weight once and beats
-        # de-quantizing it (1536 x 576 4-bit: 1.0 vs 3.1 ms for 1 token; even at 4 tokens).
-        return mx.quantized_matmul(x, layer["weight"], layer["scales"].astype(x.dtype),
-                                   biases.astype(x.dtype) if biases is not None else None,
-                                   transpose=True, group_size=layer.group_size, bits=layer.bits,
-                                   mode=layer.mode)
     fn = _matmul_fn(layer.group_size, layer.bits, layer.mode, biases is not None)
     # custom_function takes arrays only: stand in a scalar for a missing biases array.
     return fn(x, layer["weight"], layer["scales"], biases if biases is not None else mx.array(0))
+
+
+def packed_matmul(x: mx.array, layer) -> mx.array:
+    """`x @ W.T` for a quantized layer's W read in its packed form, for decoding (a few rows of
+    x): mlxtune's compiled kernel for fp32 x and 4/8-bit affine weights (no gradient), MLX's
+    `quantized_matmul` otherwise."""
+    biases = layer.get("biases")
+    if (kernels.quantized_matmul is not None and x.dtype == mx.float32 and biases is not None
+            and layer.mode == "affine" and layer.bits in (4, 8)
+            and layer.group_size in (32, 64, 128)):
+        return kernels.quantized_matmul(x, layer["weight"], layer["scales"], biases,
+                                        layer.group_size, layer.bits)
+    return mx.quantized_matmul(x, layer["weight"], layer["scales"].astype(x.dtype),
+                               biases.astype(x.dtype) if biases is not None else None,
+                               transpose=True, group_size=layer.group_size, bits=layer.bits,
+                               mode=layer.mode)
 
 
 _LOG2E = 1.4426950408889634

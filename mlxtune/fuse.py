@@ -257,7 +257,7 @@ def measure_drift(model_dir: Path, adapter_dir: Path, fused_dir: Path, tokenizer
     """Fused vs base + adapter: logit differences and greedy-token agreement on a few examples."""
     import numpy as np
 
-    from mlxtune.serve.registry import prepare_for_inference
+    from mlxtune.fastpath import prepare_for_inference
 
     sequences, source = drift_examples(adapter_dir, tokenizer)
     # One model at a time, each on this backend's fast path, so a big model never doubles.

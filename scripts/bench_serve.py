@@ -1,11 +1,16 @@
-"""mlxtune serve vs stock mlx_lm.server on the same model, in one run, on loopback.
+"""mlxtune serve vs llama.cpp's llama-server (and, optionally, stock mlx_lm.server) on the same
+model, in one run, on loopback (127.0.0.1 only).
 
     python scripts/bench_serve.py [--model smollm2-135m] [--max-tokens 64] [--concurrency 8]
+                                  [--threads N] [--stock] [--no-llama]
 
-Each server runs alone in a subprocess (one at a time, so they never share the CPU), with the same
-environment (the fast BLAS preload included). Measured with the openai client, streaming:
+Each server runs alone in a subprocess (one at a time, so they never share the CPU). mlxtune
+gets the fast BLAS preload; llama-server (built once from the llama.cpp source vendored in
+PyPI's llama-cpp-python sdist, into ~/.cache/mlxtune-bench/llama.cpp) serves the GGUF the
+built-in model is converted from, with N parallel slots and the same number of threads as
+mlxtune uses. Measured with the openai client, streaming, the same requests for every server:
 time to first token and generation tokens/s for one request, aggregate tokens/s for N concurrent
-requests, and the adapter-switch cost (mlxtune: another adapter per request; mlx_lm.server: the
+requests, and mlxtune's adapter-switch cost (another adapter per request; mlx_lm.server's: the
 request's `adapters` field, which reloads the model). Adapters are random rank-8 LoRA weights on
 every linear layer: a switch costs the same whatever the weights learned.
 """
@@ -26,6 +31,40 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a cat."}]
+
+
+LLAMA_CACHE = Path.home() / ".cache" / "mlxtune-bench" / "llama.cpp"
+# llama.cpp's CPU build: tuned for this CPU, but without the AMX kernels (the VMs here report
+# AMX and do not grant it: ggml's AMX matmul dies on SIGILL), and without the curl downloader.
+# With GGML_NATIVE, ggml takes AMX from -march=native whatever GGML_AMX_* say: -mno-amx-* it is.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+LLAMA_CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_AMX_TILE=OFF",
+               "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DLLAMA_CURL=OFF",
+               f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
+
+
+def llama_server(cache: Path = LLAMA_CACHE) -> Path:
+    """llama.cpp's llama-server, built once into `cache` from the llama.cpp source vendored in
+    PyPI's llama-cpp-python sdist (a benchmark-only dependency: never installed, never committed)."""
+    import tarfile
+
+    binary = cache / "build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    sdist = cache / "sdist"
+    if not list(sdist.glob("llama_cpp_python-*.tar.gz")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "llama-cpp-python", "-d", str(sdist)], check=True)
+    tarball = sorted(sdist.glob("llama_cpp_python-*.tar.gz"))[-1]
+    with tarfile.open(tarball) as tar:
+        tar.extractall(cache / "src", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    source = cache / "src" / tarball.name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+    print(f"building llama-server from {source} (once, a few minutes)", flush=True)
+    subprocess.run(["cmake", "-S", str(source), "-B", str(cache / "build"), *LLAMA_CMAKE],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(cache / "build"), "--target", "llama-server", "-j2"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return binary
 
 
 def free_port() -> int:
@@ -138,12 +177,64 @@ def switch_cost(base_url: str, names: list[str], request=None, rounds: int = 3) 
     return statistics.median(switched) - statistics.median(same)
 
 
+def cpu_name() -> str:
+    """The CPU's model name, printed beside every number."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def run_server(name: str, cmd: list[str], port: int, env: dict, work) -> dict:
+    """Start one server, run `work(url)` against it, stop it; its results, printed as they come."""
+    proc = start(cmd, port, env)
+    try:
+        result = work(f"http://127.0.0.1:{port}/v1")
+        print(json.dumps({name: result}), flush=True)
+        return result
+    finally:
+        stop(proc)
+
+
+def print_table(results: dict, concurrency: int) -> None:
+    """One column per server, then each peer's ratio to mlxtune (higher is better for mlxtune)."""
+    rows = [("TTFT, 1 request (s)", "ttft_1", False), ("gen tokens/s, 1 request", "tps_1", True),
+            (f"TTFT, {concurrency} concurrent (s, mean)", "ttft_n", False),
+            (f"aggregate tokens/s, {concurrency} concurrent", "tps_n", True),
+            ("adapter switch cost (s)", "switch", False)]
+    ours = results["mlxtune serve"]
+    peers = [n for n in results if n != "mlxtune serve"]
+    head = f"{'':42}" + "".join(f"{n:>15}" for n in results)
+    print(head + "".join(f"{'vs ' + n:>22}" for n in peers))
+    for label, key, higher in rows:
+        cells = "".join(f"{'-' if r.get(key) is None else format(r[key], '.3f'):>15}"
+                        for r in results.values())
+        ratios = ""
+        for n in peers:
+            a, b = ours.get(key), results[n].get(key)
+            if a is None or b is None or not a or not b:
+                ratios += f"{'-':>22}"
+            else:  # "x times better": speed ours/peer, time peer/ours
+                ratios += f"{(a / b if higher else b / a):21.2f}x"
+        print(f"{label:42}{cells}{ratios}")
+    print("(ratios: how many times better mlxtune is; below 1 it is worse)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="CPU threads for both servers (mlxtune's kernels, llama-server -t)")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="the GGUF llama-server serves (default: the built-in model's)")
+    parser.add_argument("--no-llama", action="store_true", help="skip the llama-server peer")
+    parser.add_argument("--stock", action="store_true",
+                        help="also run stock mlx_lm.server (very slow on CPU)")
     # Stock mlx_lm.server on a Linux CPU batches through MLX's fp16 quantized matmul, which ran
     # over 20 minutes for the 8-request phase on 2 cores: this measures its one-request figures only.
     parser.add_argument("--stock-single-only", action="store_true",
@@ -152,57 +243,65 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from mlxtune.blas import blas_env
 
-    env = {**os.environ, **blas_env()}
+    env = {**os.environ, **blas_env(), "MLXTUNE_CPU_THREADS": str(args.threads)}
     model_dir = Path(subprocess.run([sys.executable, "-m", "mlxtune", "models", "path", args.model],
                                     check=True, capture_output=True, text=True, env=env)
                      .stdout.strip())
+    gguf = args.gguf
+    if gguf is None and not args.no_llama:
+        from mlxtune.models.builtin import BUILTIN_MODELS, builtin_gguf
+
+        if args.model not in BUILTIN_MODELS:
+            raise SystemExit(f"{args.model} is not a built-in model: pass --gguf or --no-llama")
+        gguf = builtin_gguf(args.model)
+    binary = None if args.no_llama else llama_server()
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads per server; "
+          f"model {model_dir}; {args.max_tokens} tokens per answer, greedy", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     adapters = {f"lora{i}": random_adapter(model_dir, tmp / f"lora{i}", i) for i in (1, 2)}
     results = {}
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlxtune", "serve", "--model", str(model_dir), "--port",
-           str(port), "--max-batch", str(args.concurrency),
-           *(x for n, p in adapters.items() for x in ("--adapter", f"{n}={p}"))]
-    proc = start(cmd, port, env)
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
-        results["mlxtune serve"] = measure(url, str(model_dir), args.max_tokens,
-                                           args.concurrency, args.repeats)
-        results["mlxtune serve"]["switch"] = switch_cost(url, [str(model_dir), *adapters])
-        print(json.dumps({"mlxtune serve": results["mlxtune serve"]}), flush=True)
-    finally:
-        stop(proc)
+    def ours(url):
+        result = measure(url, str(model_dir), args.max_tokens, args.concurrency, args.repeats)
+        result["switch"] = switch_cost(url, [str(model_dir), *adapters])
+        return result
 
     port = free_port()
-    proc = start([sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-                  "--port", str(port)], port, env)
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
-        results["mlx_lm.server"] = measure(url, "default_model", args.max_tokens,
-                                           args.concurrency, args.repeats, args.stock_single_only)
+    results["mlxtune serve"] = run_server(
+        "mlxtune serve",
+        [sys.executable, "-m", "mlxtune", "serve", "--model", str(model_dir), "--host",
+         "127.0.0.1", "--port", str(port), "--max-batch", str(args.concurrency),
+         *(x for n, p in adapters.items() for x in ("--adapter", f"{n}={p}"))], port, env, ours)
+
+    if binary is not None:
+        port = free_port()
+        results["llama-server"] = run_server(
+            "llama-server",
+            [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+             "-np", str(args.concurrency), "-t", str(args.threads)],
+            port, {**os.environ, "LD_LIBRARY_PATH": str(binary.parent)},
+            lambda url: measure(url, "default_model", args.max_tokens, args.concurrency,
+                                args.repeats))
+
+    if args.stock or args.stock_single_only:
         paths = {str(model_dir): None, **{n: str(p) for n, p in adapters.items()}}
-        if not args.stock_single_only:
-            results["mlx_lm.server"]["switch"] = switch_cost(
-                url, list(paths), rounds=2,
-                request=lambda n: ("default_model", {"adapters": paths[n]} if paths[n] else {}))
-    finally:
-        stop(proc)
 
-    ours, stock = results["mlxtune serve"], results["mlx_lm.server"]
-    rows = [("TTFT, 1 request (s)", "ttft_1", False), ("gen tokens/s, 1 request", "tps_1", True),
-            (f"TTFT, {args.concurrency} concurrent (s, mean)", "ttft_n", False),
-            (f"aggregate tokens/s, {args.concurrency} concurrent", "tps_n", True),
-            ("adapter switch cost (s)", "switch", False)]
-    print(f"model {model_dir}, {args.max_tokens} tokens per answer, greedy")
-    print(f"{'':42} {'mlxtune serve':>14} {'mlx_lm.server':>14} {'ours/stock':>11}")
-    for label, key, higher in rows:
-        if stock[key] is None:
-            print(f"{label:42} {ours[key]:14.3f} {'not run':>14}")
-            continue
-        ratio = ours[key] / stock[key] if stock[key] else float("nan")
-        print(f"{label:42} {ours[key]:14.3f} {stock[key]:14.3f} {ratio:10.2f}x"
-              f"{'' if higher else ' (lower is better)'}")
+        def stock(url):
+            result = measure(url, "default_model", args.max_tokens, args.concurrency,
+                             args.repeats, args.stock_single_only)
+            if not args.stock_single_only:
+                result["switch"] = switch_cost(
+                    url, list(paths), rounds=2,
+                    request=lambda n: ("default_model", {"adapters": paths[n]} if paths[n] else {}))
+            return result
+
+        port = free_port()
+        results["mlx_lm.server"] = run_server(
+            "mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
+                              "--host", "127.0.0.1", "--port", str(port)], port, env, stock)
+
+    print(f"CPU: {cpu_name()}; model {model_dir}; {args.max_tokens} tokens per answer, greedy")
+    print_table(results, args.concurrency)
     print(json.dumps(results))
 
 

@@ -1,5 +1,6 @@
 """The CPU fast path: de-quantize per layer in fp32, same losses and gradients as MLX's own
-quantized path, and the memory of a 4-bit model rather than of its fp32 copy."""
+quantized path, and the memory of a 4-bit model rather than of its fp32 copy; for generation,
+decoding from the packed weights with the same answers as MLX's quantized path."""
 
 from functools import partial
 
@@ -13,7 +14,9 @@ from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model
 
-from mlxtune.fastpath import DequantizedEmbedding, DequantizedLinear, prepare_for_training
+from mlxtune import fastpath
+from mlxtune.fastpath import (DequantizedEmbedding, DequantizedLinear, InferenceEmbedding,
+                              InferenceLinear, prepare_for_inference, prepare_for_training)
 
 # The CPU path against mlx-lm's: rerun per compute variant (test.sh --variants).
 pytestmark = pytest.mark.numerics
@@ -183,3 +186,90 @@ def test_loss_on_trained_rows_only_equals_the_masked_full_loss(tiny_qmodel_dir, 
     for (k, a), (_, b) in zip(tree_flatten(full[1]), tree_flatten(some[1])):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=k)
     assert trained_rows(mx.ones((2, 5))) is None  # nothing to skip: the full path
+
+
+def _reference(model_dir):
+    """The model as mlx-lm loads it, computing in fp32: MLX's quantized_matmul for every layer."""
+    model, _ = load_model(model_dir)
+    model.set_dtype(mx.float32)
+    model.eval()
+    return model
+
+
+def test_inference_keeps_weights_packed_and_picks_the_matmul_by_rows(tiny_qmodel_dir,
+                                                                     monkeypatch):
+    model, _ = load_model(tiny_qmodel_dir)
+    prepare_for_inference(model, "metal")
+    assert not any(isinstance(m, DequantizedLinear) for _, m in model.named_modules())
+    prepare_for_inference(model, "cpu")
+    assert not model.training
+    assert type(model.layers[0].self_attn.q_proj) is InferenceLinear
+    assert type(model.layers[0].input_layernorm) is fastpath.InferenceRMSNorm
+    assert type(model.layers[0].self_attn.rope) is fastpath.InferenceRoPE
+    assert model.layers[0].mlp.down_proj.weight.dtype == mx.uint32  # still 4 bits
+    calls = []
+    for name in ("packed_matmul", "dequantized_matmul"):
+        real = getattr(fastpath, name)
+        monkeypatch.setattr(fastpath, name, lambda x, layer, real=real, name=name:
+                            calls.append(name) or real(x, layer))
+    ref = _reference(tiny_qmodel_dir)
+    for tokens, path in ((1, "packed_matmul"), (fastpath.PACKED_ROWS, "packed_matmul"),
+                         (fastpath.PACKED_ROWS + 1, "dequantized_matmul")):
+        calls.clear()
+        x = mx.random.randint(0, 300, (1, tokens), key=mx.random.key(tokens))
+        got, want = model(x), ref(x)
+        assert set(calls) == {path}, (tokens, set(calls))
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4)
+
+
+def test_batched_generation_equals_mlx_quantized_path(tiny_qmodel_dir):
+    """mlx-lm's BatchGenerator (serve's): prompts of different lengths, left-padded, decoded
+    together through the packed matmul and the one-op attention with its padding mask."""
+    from mlx_lm.generate import BatchGenerator
+
+    prompts = [[5, 9, 14, 2, 77, 31, 8], [40, 41], [3, 120, 7, 7]]
+
+    def greedy(model):
+        gen = BatchGenerator(model, completion_batch_size=3, prefill_batch_size=3)
+        uids = gen.insert(prompts, max_tokens=[6, 6, 6])
+        out, done = {uid: [] for uid in uids}, set()
+        for _ in range(20):  # 6 tokens each, and a few steps of prefill
+            for r in gen.next()[1]:
+                out[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    done.add(r.uid)
+            if len(done) == len(uids):
+                break
+        gen.close()
+        return [out[uid] for uid in uids]
+
+    ours, _ = load_model(tiny_qmodel_dir)
+    prepare_for_inference(ours, "cpu")
+    assert greedy(ours) == greedy(_reference(tiny_qmodel_dir))
+
+
+@pytest.mark.slow
+def test_builtin_model_greedy_answers_equal_mlx_quantized_path(builtin_model_dir):
+    """SmolLM2-135M: 4-bit layers, the tied 8-bit head decoded from packed weights; the same
+    greedy tokens as MLX's quantized path, logits within 1e-3, at every step."""
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(builtin_model_dir)
+    ours, _ = load_model(builtin_model_dir)
+    prepare_for_inference(ours, "cpu")
+    assert type(ours.model.embed_tokens) is InferenceEmbedding
+    ref = _reference(builtin_model_dir)
+    for question in ("What is the capital of France?", "Name three colours."):
+        prompt = mx.array(tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True))
+        caches = [make_prompt_cache(ours), make_prompt_cache(ref)]
+        tokens = [prompt[None], prompt[None]]
+        answers = [[], []]
+        for _ in range(8):  # the prompt (de-quantized prefill), then decoding steps
+            logits = [m(t, cache=c)[:, -1] for m, t, c in zip((ours, ref), tokens, caches)]
+            np.testing.assert_allclose(np.array(logits[0]), np.array(logits[1]), atol=1e-3)
+            for answer, step in zip(answers, logits):
+                answer.append(step.argmax(-1).item())
+            assert answers[0] == answers[1], (question, answers)
+            tokens = [mx.array([[a[-1]]]) for a in answers]

@@ -108,3 +108,156 @@ def test_softmax_parts_equal_exp_max_sum(shape):
     # Far below the max it underflows to e^-87, never to garbage.
     far = kernels.softmax_parts(mx.array([[0.0, -1000.0]]))[0]
     assert 0 <= far[0, 1].item() < 1e-37 and far[0, 0].item() == 1.0
+
+
+# ---- quantized_matmul: decoding's x @ dequantize(w).T, read from the packed weights ----
+
+def _isas():
+    """Every instruction-set path of quantized_matmul this CPU can run (x86: up to three)."""
+    if kernels.quantized_matmul is None:
+        return []
+    ours = kernels._cpu_kernels
+    found = []
+    for isa in ("avx512", "avx2", "baseline"):
+        try:
+            previous = ours.set_matmul_isa(isa)
+        except ValueError:
+            continue
+        ours.set_matmul_isa(previous)
+        found.append(isa)
+    return found
+
+
+@pytest.fixture
+def each_isa():
+    """Run the test body once per instruction set (yields a switcher), then restore the default."""
+    ours = kernels._cpu_kernels
+    default = ours.matmul_isa()
+    yield lambda isa: ours.set_matmul_isa(isa)
+    ours.set_matmul_isa(default)
+
+
+def _quantized(rows, cols, group_size, bits, dtype, seed=0):
+    w, scales, biases = mx.quantize(mx.random.normal((rows, cols), key=mx.random.key(seed)),
+                                    group_size=group_size, bits=bits)
+    return w, scales.astype(dtype), biases.astype(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_quantized_matmul_equals_mlx(bits, group_size, dtype, each_isa):
+    # 77 output rows (odd: no row tail is special), 1..8 rows of x and 11 (two passes).
+    w, scales, biases = _quantized(77, 384, group_size, bits, dtype, seed=bits + group_size)
+    s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)
+    dense = mx.dequantize(w, s32, b32, group_size=group_size, bits=bits)
+    assert _isas(), "no instruction set found"
+    for isa in _isas():
+        each_isa(isa)
+        for rows in (1, 2, 3, 5, 8, 11):
+            x = mx.random.normal((rows, 384), key=mx.random.key(rows))
+            got = kernels.quantized_matmul(x, w, scales, biases, group_size, bits)
+            want = mx.quantized_matmul(x, w, s32, b32, transpose=True, group_size=group_size,
+                                       bits=bits)
+            assert got.shape == (rows, 77) and got.dtype == mx.float32
+            # fp32 rounding of a 384-term sum, in another order than MLX's.
+            tol = 2e-6 * mx.abs(x) @ mx.abs(dense).T + 1e-6
+            assert (mx.abs(got - want) <= tol).all().item(), (isa, rows)
+            assert (mx.abs(got - x @ dense.T) <= tol).all().item(), (isa, rows)
+
+
+@needs_kernels
+def test_quantized_matmul_views_batches_compile_and_threads(each_isa):
+    # A 3-D x, sliced non-contiguous weights, inside mx.compile, and a weight big enough to be
+    # split over the threads, on every instruction set.
+    w, scales, biases = _quantized(4096, 256, 64, 4, mx.float16, seed=7)
+    x = mx.random.normal((2, 3, 256), key=mx.random.key(8))
+    dense = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
+                          group_size=64, bits=4)
+    want = x @ dense.T
+    for isa in _isas():
+        each_isa(isa)
+        got = kernels.quantized_matmul(x, w, scales, biases, 64, 4)
+        assert got.shape == (2, 3, 4096)
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-4).item(), isa
+        half = kernels.quantized_matmul(x, w[::2], scales[::2], biases[::2], 64, 4)
+        assert mx.allclose(half, want[..., ::2], rtol=1e-5, atol=1e-4).item(), isa
+        fn = mx.compile(lambda x, w, s, b: 2 * kernels.quantized_matmul(x, w, s, b, 64, 4))
+        assert mx.allclose(fn(x, w, scales, biases), 2 * want, rtol=1e-5, atol=2e-4).item(), isa
+
+
+@needs_kernels
+def test_quantized_matmul_is_inference_only_and_checks_its_inputs():
+    w, scales, biases = _quantized(8, 64, 32, 4, mx.float16)
+    x = mx.random.normal((1, 64))
+    # Decoding needs no gradient: asking for one is an error, not a silent zero.
+    with pytest.raises(RuntimeError, match="inference only"):
+        mx.grad(lambda x: kernels.quantized_matmul(x, w, scales, biases, 32, 4).sum())(x)
+    with pytest.raises(ValueError, match="bits"):
+        kernels.quantized_matmul(x, w, scales, biases, 32, 3)
+    with pytest.raises(ValueError, match="group_size"):
+        kernels.quantized_matmul(x, w, scales, biases, 16, 4)
+    with pytest.raises(ValueError, match="expects"):
+        kernels.quantized_matmul(x.astype(mx.float16), w, scales, biases, 32, 4)
+    with pytest.raises(ValueError, match="expects"):
+        kernels.quantized_matmul(x[:, :32], w, scales, biases, 32, 4)
+
+
+# ---- rms_norm and rope: MLX's fast ops as one op each, for decoding ----
+
+@needs_kernels
+def test_rms_norm_equals_mlx():
+    x = mx.random.normal((3, 7, 576), key=mx.random.key(9))
+    w = mx.random.normal((576,), key=mx.random.key(10))
+    for view in (x, x.transpose(1, 0, 2), x[:, ::2]):  # contiguous and strided rows
+        want = mx.fast.rms_norm(view, w, 1e-5)
+        assert mx.allclose(kernels.rms_norm(view, w, 1e-5), want, rtol=1e-5, atol=1e-6).item()
+    with pytest.raises(RuntimeError, match="inference only"):
+        mx.grad(lambda x: kernels.rms_norm(x, w, 1e-5).sum())(x)
+
+
+@needs_kernels
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims", [64, 32])
+def test_rope_equals_mlx(traditional, dims):
+    # (batch, heads, tokens, head_dim) as attention passes it: a transposed view.
+    x = mx.random.normal((2, 5, 9, 64), key=mx.random.key(11)).transpose(0, 2, 1, 3)
+    for offset in (0, 37, mx.array([3, 100])):  # one position, or one per batch row
+        want = mx.fast.rope(x, dims, traditional=traditional, base=100000.0, scale=0.5,
+                            offset=offset)
+        got = kernels.rope(x, dims, traditional, 100000.0, 0.5,
+                           offset if isinstance(offset, mx.array) else mx.array(offset))
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item(), offset
+    with pytest.raises(ValueError, match="offset"):
+        kernels.rope(x, dims, traditional, 1e4, 1.0, mx.array([1, 2, 3]))
+
+
+@needs_kernels
+def test_attention_equals_mlx():
+    # 9 query heads on 3 key/value heads; keys and values are views of a longer cache, as
+    # mlx-lm's KV cache returns them; masks: none, causal, per-row bool, additive 2-D.
+    q = mx.random.normal((2, 9, 3, 64), key=mx.random.key(12))
+    k = mx.random.normal((2, 3, 50, 64), key=mx.random.key(13))[:, :, :40]
+    v = mx.random.normal((2, 3, 50, 64), key=mx.random.key(14))[:, :, :40]
+    masks = [None, "causal", mx.random.uniform(shape=(2, 1, 3, 40), key=mx.random.key(15)) > 0.3,
+             mx.random.normal((3, 40), key=mx.random.key(16))]
+    for mask in masks:
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+        causal = isinstance(mask, str)
+        got = kernels.attention(q, k, v, 0.125, causal, None if causal or mask is None else mask)
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item(), mask
+    with pytest.raises(ValueError, match="broadcast"):
+        kernels.attention(q, k, v, 0.125, False, mx.zeros((5, 40), mx.bool_))
+
+
+@needs_kernels
+def test_swiglu_equals_mlx():
+    from mlx_lm.models.activations import swiglu
+
+    gate = mx.random.normal((8, 1, 1537), key=mx.random.key(17)) * 6  # odd width: a tail
+    up = mx.random.normal((8, 1, 1537), key=mx.random.key(18))
+    for g, u in ((gate, up), (gate[..., ::2], up[..., ::2])):
+        assert mx.allclose(kernels.swiglu(g, u), swiglu(g, u), rtol=1e-5, atol=1e-6).item()
+    with pytest.raises(RuntimeError, match="inference only"):
+        mx.grad(lambda g: kernels.swiglu(g, up).sum())(gate)

@@ -154,7 +154,7 @@ class LocalBackend:
         from mlx_lm.tuner.utils import load_adapters
         from mlx_lm.utils import load_model, load_tokenizer
 
-        from mlxtune.fastpath import prepare_for_training
+        from mlxtune.fastpath import prepare_for_inference
 
         try:
             model, _ = load_model(self.model_dir)
@@ -163,9 +163,9 @@ class LocalBackend:
             raise ModelError(f"{self.model_dir}: cannot load the model: {e}") from None
         if self.adapter is not None:
             load_adapters(model, str(self.adapter))
-        # On the CPU backend fp16 and quantized matmuls are very slow: de-quantize, compute fp32.
-        prepare_for_training(model)
-        model.eval()
+        # On the CPU backend fp16 and MLX's quantized matmuls are very slow: compute in fp32,
+        # decoding from the packed weights, prefill and perplexity de-quantized per layer.
+        prepare_for_inference(model)
         self.model, self.tokenizer = model, tokenizer
 
     def _prompt(self, example: Example) -> str:

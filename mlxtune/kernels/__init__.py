@@ -3,7 +3,10 @@
 - `dequantize(w, scales, biases, group_size, bits)`: 4/8-bit affine weights to fp32, rows split
   over the cores (~8x faster than MLX's ops for it, the same numbers);
 - `softmax_parts(x)`: (exp(x - max), max, sum) over the last axis in one vectorized pass on all
-  cores, for the fused cross-entropy (~6x faster than MLX's ops).
+  cores, for the fused cross-entropy (~6x faster than MLX's ops);
+- `quantized_matmul(x, w, scales, biases, group_size, bits)`: x @ dequantize(w).T for fp32 x,
+  reading the packed 4/8-bit weights, for decoding (a few rows of x; ~6x faster than MLX's
+  `quantized_matmul` for one row). Inference only: it has no gradient.
 
 Each is None when MLXTUNE_CPU_KERNELS=0, when the extension is not built, was built against
 another MLX, or cannot exchange arrays with this MLX: cpu_math then uses MLX's own ops (slower).
@@ -45,9 +48,16 @@ if switched_off(OFF_VAR):
 _OK = _cpu_kernels is not None and _usable(_cpu_kernels)
 dequantize = _cpu_kernels.dequantize if _OK else None
 softmax_parts = _cpu_kernels.softmax_parts if _OK else None
+quantized_matmul = _cpu_kernels.quantized_matmul if _OK else None
+rms_norm = _cpu_kernels.rms_norm if _OK else None
+rope = _cpu_kernels.rope if _OK else None
+attention = _cpu_kernels.attention if _OK else None
+swiglu = _cpu_kernels.swiglu if _OK else None
 
 
 def status() -> str:
     """One line for `mlxtune doctor`."""
-    return ("in use (compiled 4/8-bit de-quantizer, softmax parts)" if dequantize is not None
-            else _REASON)
+    if dequantize is None:
+        return _REASON
+    return ("in use (compiled 4/8-bit de-quantizer and quantized matmul "
+            f"[{_cpu_kernels.matmul_isa()}], softmax parts, rms_norm, rope, attention, swiglu)")

@@ -7,7 +7,12 @@
 //   shift and scaled with one multiply-add (1536 x 576: 0.22 ms instead of 1.77);
 // - softmax_parts: a row's max, exp(x - max) and the sum, for the fused cross-entropy (256 x
 //   24576: 7 ms instead of 42).
-// Both split rows over the cores and use AVX2 where the CPU has it (target_clones). See
+// - quantized_matmul (qmatmul.cpp): y = x @ dequantize(w).T for a few rows of x, reading the
+//   packed weights (decoding: 576 x 576 4-bit, 1 row: 0.18 ms in MLX's op).
+// - swiglu: silu(gate) * up with the vectorized exp, for generation's MLPs;
+// - rms_norm, rope, attention (decode_ops.cpp): MLX's fast ops as one op each for decoding
+//   (their CPU fallbacks are ~6, ~15 and ~12 ops, most of a decode step's per-op overhead).
+// The big ones split rows over the cores (pool.h) and use AVX2 or AVX-512 where the CPU has it. See
 // mlxtune/kernels/__init__.py for how mlxtune falls back to MLX's ops without them.
 
 #include <algorithm>
@@ -19,16 +24,18 @@
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "kernels.h"
 #include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
+#include "pool.h"
 
-namespace mx = mlx::core;
 namespace nb = nanobind;
 using namespace nb::literals;
+using mlxtune::parallel_rows;
 
 namespace {
 
@@ -69,28 +76,6 @@ __attribute__((target_clones("avx2", "default"))) void dequantize_rows(
       }
     }
   }
-}
-
-// Below this many output elements per thread, one thread is faster than starting another; past
-// MAX_THREADS the copy is bound by memory bandwidth, not by cores.
-constexpr int64_t PARALLEL_ELEMENTS = 1 << 16;
-constexpr unsigned MAX_THREADS = 8;
-
-// body(a, b) for row ranges of `rows`, split over the cores when the work is big enough.
-template <typename F>
-void parallel_rows(int64_t rows, int64_t cols, F&& body) {
-  int threads = static_cast<int>(std::min<int64_t>(
-      std::clamp(std::thread::hardware_concurrency(), 1u, MAX_THREADS),
-      rows * cols / PARALLEL_ELEMENTS));
-  threads = std::max(threads, 1);
-  const int64_t step = (rows + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t a = t * step, b = std::min(rows, a + step);
-    if (a < b) pool.emplace_back(body, a, b);
-  }
-  body(0, std::min(rows, step));
-  for (auto& t : pool) t.join();
 }
 
 template <typename S>
@@ -295,6 +280,88 @@ std::vector<mx::array> softmax_parts(const mx::array& x, mx::StreamOrDevice s) {
                                 {mx::contiguous(x, false, stream)});
 }
 
+// ---- swiglu: silu(gate) * up for generation's MLPs ----
+
+// MLX compiles silu(gate) * up to a scalar loop with a libm exp per element: batch 8 of SmolLM2
+// spent ~5% of a decode step there. Here eight lanes at a time with fast_exp (rel. error < 1e-6).
+__attribute__((target_clones("avx2", "default"))) void swiglu_range(
+    const float* gate, const float* up, float* out, int64_t begin, int64_t end) {
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    v8f g, u;
+    std::memcpy(&g, gate + i, sizeof(g));
+    std::memcpy(&u, up + i, sizeof(u));
+    const v8f y = g * u / (1.0f + fast_exp(-g));
+    std::memcpy(out + i, &y, sizeof(y));
+  }
+  for (; i < end; ++i) out[i] = gate[i] * up[i] / (1.0f + fast_exp(-gate[i]));
+}
+
+class Swiglu : public mx::Primitive {
+ public:
+  explicit Swiglu(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& in : inputs) encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    encoder.dispatch([inputs, o = out.data<float>()]() {
+      std::vector<float> copies[2];
+      const float* data[2];
+      for (int k = 0; k < 2; ++k) {
+        const auto& a = inputs[k];
+        if (a.flags().row_contiguous) {
+          data[k] = a.data<float>();
+          continue;
+        }
+        copies[k].resize(a.size());  // a strided view: gather it (rare)
+        for (int64_t i = 0; i < static_cast<int64_t>(a.size()); ++i) {
+          int64_t rest = i, offset = 0;
+          for (int axis = a.ndim() - 1; axis >= 0; --axis) {
+            offset += (rest % a.shape(axis)) * a.strides()[axis];
+            rest /= a.shape(axis);
+          }
+          copies[k][i] = a.data<float>()[offset];
+        }
+        data[k] = copies[k].data();
+      }
+      const int64_t n = inputs[0].size();
+      parallel_rows(n, 8, [&](int64_t a, int64_t b) { swiglu_range(data[0], data[1], o, a, b); });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[mlxtune swiglu] CPU only.");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
+                             const std::vector<int>&, const std::vector<mx::array>&) override {
+    throw std::runtime_error("[mlxtune swiglu] inference only, it has no gradient.");
+  }
+
+  const char* name() const override {
+    return "MlxtuneSwiglu";
+  }
+
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
+  if (gate.dtype() != mx::float32 || up.dtype() != mx::float32 || gate.shape() != up.shape()) {
+    throw std::invalid_argument("[mlxtune swiglu] expects float32 gate and up of one shape.");
+  }
+  return mx::array(gate.shape(), mx::float32, std::make_shared<Swiglu>(mx::to_stream(s)),
+                   {gate, up});
+}
+
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
@@ -304,5 +371,24 @@ NB_MODULE(_cpu_kernels, m) {
         "De-quantize affine 4/8-bit packed weights (rows x words, uint32) to float32.");
   m.def("softmax_parts", &softmax_parts, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
         "exp(x - max), max and the sum of the former over the last axis (float32).");
+  m.def("quantized_matmul", &mlxtune::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a,
+        "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ dequantize(w).T for float32 x and 4/8-bit affine weights, fast for a few rows of x "
+        "(decoding); inference only (no gradient).");
+  m.def("rms_norm", &mlxtune::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "x * rsqrt(mean(x^2) + eps) * weight over the last axis "
+        "(float32, one op; inference only).");
+  m.def("rope", &mlxtune::rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a,
+        "offset"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Rotary position embedding as mx.fast.rope computes it (float32, one op; inference "
+        "only); offset: an int32 array, one value or one per batch row.");
+  m.def("swiglu", &swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "silu(gate) * up with a vectorized exp (float32, one op; inference only).");
+  m.def("attention", &mlxtune::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
+        "mask"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none(),
+        "softmax(q k^T * scale + mask) v for a few queries (float32, one op; inference only).");
+  m.def("matmul_isa", &mlxtune::matmul_isa, "The instruction set quantized_matmul uses.");
+  m.def("set_matmul_isa", &mlxtune::set_matmul_isa, "isa"_a,
+        "Use another instruction set the CPU has (avx512, avx2, baseline); returns the previous.");
   m.attr("MLX_VERSION") = mx::version();
 }

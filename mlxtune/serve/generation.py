@@ -4,7 +4,9 @@ MLX computes one graph at a time and the adapter selection is global to the mode
 thread owns the model. It takes the oldest waiting request's adapter, selects it, and runs every
 waiting request for that adapter as one continuous batch (mlx-lm's BatchGenerator); requests for
 other adapters wait until that batch drains, and then the adapter switches (a pointer swap).
-Outputs of different adapters therefore never share a forward pass.
+Outputs of different adapters therefore never share a forward pass. A request that starts like
+an earlier one (the same system prompt, the previous turns of a chat) prefills only what is new:
+the KV entries of recent prompts are kept per adapter (prefix_cache.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from mlxtune.serve.prefix_cache import PrefixCache
 from mlxtune.serve.registry import AdapterRegistry
 
 
@@ -48,6 +51,7 @@ class Generator:
         self.registry, self.max_batch = registry, max_batch
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.waiting: deque[Job] = deque()
+        self.prefix = PrefixCache()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="mlxtune-generate", daemon=True)
         self.thread.start()
@@ -128,10 +132,17 @@ class Generator:
         gen = BatchGenerator(self.registry.model, completion_batch_size=self.max_batch,
                              prefill_batch_size=self.max_batch, stream=stream)
         running: dict[int, Job] = {}
+        # KV entries are the adapter's own: key them by the adapter object and its folder, so
+        # one removed and added again under its name never sees its predecessor's.
+        model = jobs[0].model
+        adapter = self.registry.adapters.get(model)
+        key = f"{model}#{id(adapter)}#{adapter.path if adapter else ''}"
 
         def insert(batch: list[Job]) -> None:
+            cached = [self.prefix.fetch(key, j.prompt) for j in batch]
             uids = gen.insert(
-                [j.prompt for j in batch], max_tokens=[j.max_tokens for j in batch],
+                [rest for _, rest in cached], caches=[cache for cache, _ in cached],
+                max_tokens=[j.max_tokens for j in batch],
                 samplers=[make_sampler(j.temperature, j.top_p if j.top_p < 1.0 else 0.0)
                           for j in batch],
                 stop_sequences=[stops] * len(batch))
@@ -144,7 +155,6 @@ class Generator:
             while running and not self.stopping:
                 self._drain_inbox(block=False)
                 # Admit newcomers for this adapter, unless another adapter is waiting its turn.
-                model = jobs[0].model
                 if seed is None and all(j.model == model for j in self.waiting):
                     more = self._take(model, self.max_batch - len(running))
                     if more:
@@ -155,6 +165,8 @@ class Generator:
                     job = running.get(r.uid)
                     if job is None or job.cancelled:
                         continue
+                    if r.finish_reason is not None and r.prompt_cache:
+                        self.prefix.store(key, job.prompt, r.prompt_cache)
                     if self._advance(job, r.token, r.finish_reason):
                         finished.append(r.uid)
                 for uid in set(finished):

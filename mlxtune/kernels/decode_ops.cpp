@@ -1,0 +1,330 @@
+// rms_norm, rope and a few-query attention as single CPU ops, for generation.
+//
+// MLX's fast.rms_norm, fast.rope and fast.scaled_dot_product_attention have no CPU kernels: on
+// CPU they run their fallbacks, built from ~6, ~15 and ~12 ops each, per layer. A decode step is
+// then mostly per-op overhead on a few hundred numbers (SmolLM2-135M: ~10 ms of ~25 in norms
+// and ropes alone). These compute the fallbacks' formulas (mlx/fast.cpp) in one pass each.
+// fp32 only; inference only (no gradient).
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels.h"
+#include "mlx/backend/cpu/encoder.h"
+
+namespace mlxtune {
+namespace {
+
+// Element offset of row `row` (all axes but the last, row-major) of a strided array.
+int64_t row_offset(const mx::array& x, int64_t row) {
+  int64_t offset = 0;
+  for (int axis = x.ndim() - 2; axis >= 0; --axis) {
+    offset += (row % x.shape(axis)) * x.strides()[axis];
+    row /= x.shape(axis);
+  }
+  return offset;
+}
+
+class InferenceOnly : public mx::Primitive {
+ public:
+  using mx::Primitive::Primitive;
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string("[mlxtune ") + name() + "] CPU only.");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
+                             const std::vector<int>&, const std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string("[mlxtune ") + name() +
+                             "] inference only, it has no gradient.");
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
+class RmsNorm : public InferenceOnly {
+ public:
+  RmsNorm(mx::Stream stream, float eps) : InferenceOnly(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const auto& x = inputs[0];
+    const auto& w = inputs[1];
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_input_array(w);
+    encoder.set_output_array(out);
+    encoder.dispatch([x, w, o = out.data<float>(), eps = eps_]() {
+      const int64_t d = x.shape(-1), rows = x.size() / d, step = x.strides().back();
+      const float* wd = w.data<float>();
+      const int64_t wstep = w.strides()[0];
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x.data<float>() + row_offset(x, r);
+        float* orow = o + r * d;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < d; ++i) ss += xr[i * step] * xr[i * step];
+        // As the fallback: x * rsqrt(mean(x^2) + eps), then times the weight.
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+        for (int64_t i = 0; i < d; ++i) orow[i] = (xr[i * step] * inv) * wd[i * wstep];
+      }
+    });
+  }
+
+  const char* name() const override {
+    return "MlxtuneRmsNorm";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+
+ private:
+  float eps_;
+};
+
+class Rope : public InferenceOnly {
+ public:
+  Rope(mx::Stream stream, int dims, bool traditional, float base, float scale)
+      : InferenceOnly(stream), dims_(dims), traditional_(traditional), base_(base),
+        scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const auto& x = inputs[0];
+    const auto& offset = inputs[1];
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_input_array(offset);
+    encoder.set_output_array(out);
+    encoder.dispatch([x, offset, o = out.data<float>(), dims = dims_, traditional = traditional_,
+                      base = base_, scale = scale_]() {
+      // x: (B, heads..., T, D), offset: one int32 or one per batch row.
+      const int64_t D = x.shape(-1), T = x.shape(-2), B = x.shape(0);
+      const int64_t rows = x.size() / D, per_batch = rows / B, half = dims / 2;
+      const int64_t step = x.strides().back();
+      std::vector<float> inv_freq(half), cos_t(T * half), sin_t(T * half);
+      const float log_step = std::log(base) / static_cast<float>(half);
+      for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::exp(-static_cast<float>(i) * log_step);
+      int64_t last_b = -1;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = r / per_batch, t = r % T;
+        if (b != last_b && (b == 0 || offset.size() > 1)) {  // this batch row's angles
+          const float start = static_cast<float>(offset.data<int32_t>()[offset.size() > 1 ? b : 0]);
+          for (int64_t p = 0; p < T; ++p) {
+            const float pos = (static_cast<float>(p) + start) * scale;
+            for (int64_t i = 0; i < half; ++i) {
+              const float theta = pos * inv_freq[i];
+              cos_t[p * half + i] = std::cos(theta);
+              sin_t[p * half + i] = std::sin(theta);
+            }
+          }
+        }
+        last_b = b;
+        const float* xr = x.data<float>() + row_offset(x, r);
+        float* orow = o + r * D;
+        const float* c = cos_t.data() + t * half;
+        const float* s = sin_t.data() + t * half;
+        for (int64_t i = 0; i < half; ++i) {
+          // Pairs (i, i + half), or (2i, 2i + 1) for the traditional layout.
+          const int64_t i1 = traditional ? 2 * i : i, i2 = traditional ? 2 * i + 1 : i + half;
+          const float x1 = xr[i1 * step], x2 = xr[i2 * step];
+          orow[i1] = x1 * c[i] - x2 * s[i];
+          orow[i2] = x1 * s[i] + x2 * c[i];
+        }
+        for (int64_t i = dims; i < D; ++i) orow[i] = xr[i * step];
+      }
+    });
+  }
+
+  const char* name() const override {
+    return "MlxtuneRope";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Rope&>(other);
+    return dims_ == o.dims_ && traditional_ == o.traditional_ && base_ == o.base_ &&
+           scale_ == o.scale_;
+  }
+
+ private:
+  int dims_;
+  bool traditional_;
+  float base_, scale_;
+};
+
+typedef float v8f __attribute__((vector_size(32)));
+
+// a . b over n unit-stride floats, eight lanes at a time (GCC keeps a float sum in order, so it
+// does not vectorize the plain loop itself).
+__attribute__((target_clones("avx2", "default"))) float dot(const float* a, const float* b,
+                                                            int64_t n) {
+  v8f acc = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8f x, y;
+    std::memcpy(&x, a + i, sizeof(x));
+    std::memcpy(&y, b + i, sizeof(y));
+    acc += x * y;
+  }
+  float s = 0.0f;
+  for (int k = 0; k < 8; ++k) s += acc[k];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Strides of `a` broadcast to a rank-4 (B, H, L, S) shape: 0 on axes it has size 1 (or lacks).
+std::vector<int64_t> broadcast_strides(const mx::array& a) {
+  std::vector<int64_t> out(4, 0);
+  for (int i = 0; i < a.ndim(); ++i) {
+    const int axis = 4 - a.ndim() + i;
+    out[axis] = a.shape(i) == 1 ? 0 : a.strides()[i];
+  }
+  return out;
+}
+
+class Attention : public InferenceOnly {
+ public:
+  Attention(mx::Stream stream, float scale, bool causal)
+      : InferenceOnly(stream), scale_(scale), causal_(causal) {}
+
+  // softmax(q k^T * scale + mask) v for q (B, H, L, D) and k, v (B, KVH, S, D), any strides;
+  // query head h reads key/value head h / (H / KVH). Rows are (b, h, l): few when decoding.
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& in : inputs) encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    encoder.dispatch([inputs, o = out.data<float>(), scale = scale_, causal = causal_]() {
+      const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
+      const int64_t B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
+      const int64_t KVH = k.shape(1), S = k.shape(2), group = H / KVH;
+      const auto &qs = q.strides(), &ks = k.strides(), &vs = v.strides();
+      const bool unit = qs[3] == 1 && ks[3] == 1 && vs[3] == 1;  // the usual: rows of floats
+      const bool has_mask = inputs.size() > 3;
+      const bool bool_mask = has_mask && inputs[3].dtype() == mx::bool_;
+      const auto ms = has_mask ? broadcast_strides(inputs[3]) : std::vector<int64_t>(4, 0);
+      std::vector<float> p(S);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t h = 0; h < H; ++h) {
+          const float* kb = k.data<float>() + b * ks[0] + (h / group) * ks[1];
+          const float* vb = v.data<float>() + b * vs[0] + (h / group) * vs[1];
+          for (int64_t l = 0; l < L; ++l) {
+            const float* qr = q.data<float>() + b * qs[0] + h * qs[1] + l * qs[2];
+            const int64_t m0 = b * ms[0] + h * ms[1] + l * ms[2];
+            float top = -INFINITY;
+            for (int64_t s = 0; s < S; ++s) {
+              float qk = 0.0f;
+              if (unit) {
+                qk = dot(qr, kb + s * ks[2], D);
+              } else {
+                for (int64_t d = 0; d < D; ++d) qk += qr[d * qs[3]] * kb[s * ks[2] + d * ks[3]];
+              }
+              float score = qk * scale;
+              if (causal && s > l + S - L) score = -INFINITY;  // aligned to the last key
+              if (bool_mask && !inputs[3].data<bool>()[m0 + s * ms[3]]) score = -INFINITY;
+              if (has_mask && !bool_mask) score += inputs[3].data<float>()[m0 + s * ms[3]];
+              p[s] = score;
+              top = std::max(top, score);
+            }
+            float total = 0.0f;
+            for (int64_t s = 0; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
+            float* orow = o + ((b * H + h) * L + l) * D;
+            for (int64_t d = 0; d < D; ++d) orow[d] = 0.0f;
+            for (int64_t s = 0; s < S; ++s) {
+              const float w = p[s] / total;
+              const float* vr = vb + s * vs[2];
+              if (unit) {
+                for (int64_t d = 0; d < D; ++d) orow[d] += w * vr[d];
+              } else {
+                for (int64_t d = 0; d < D; ++d) orow[d] += w * vr[d * vs[3]];
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+
+  const char* name() const override {
+    return "MlxtuneAttention";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Attention&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+};
+
+}  // namespace
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                    bool causal, const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
+  for (const auto* a : {&q, &k, &v}) {
+    if (a->dtype() != mx::float32 || a->ndim() != 4) {
+      throw std::invalid_argument("[mlxtune attention] expects float32 (B, heads, L, D) arrays.");
+    }
+  }
+  if (k.shape() != v.shape() || q.shape(0) != k.shape(0) || q.shape(3) != k.shape(3) ||
+      q.shape(1) % k.shape(1) != 0 || k.shape(2) < q.shape(2)) {
+    throw std::invalid_argument("[mlxtune attention] q (B, H, L, D) and k, v (B, KVH, S, D) "
+                                "with H a multiple of KVH and S >= L.");
+  }
+  std::vector<mx::array> inputs = {q, k, v};
+  if (mask) {
+    if (mask->ndim() > 4 || (mask->dtype() != mx::bool_ && mask->dtype() != mx::float32)) {
+      throw std::invalid_argument("[mlxtune attention] mask: bool or float32, at most 4-D.");
+    }
+    mx::Shape full = {q.shape(0), q.shape(1), q.shape(2), k.shape(2)};
+    for (int i = 0; i < mask->ndim(); ++i) {
+      const int d = mask->shape(i), want = full[4 - mask->ndim() + i];
+      if (d != 1 && d != want) {
+        throw std::invalid_argument("[mlxtune attention] mask does not broadcast to the scores.");
+      }
+    }
+    inputs.push_back(*mask);
+  }
+  mx::Shape shape = q.shape();
+  return mx::array(shape, mx::float32,
+                   std::make_shared<Attention>(mx::to_stream(s), scale, causal), inputs);
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps,
+                   mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || weight.dtype() != mx::float32 || x.ndim() < 1 ||
+      weight.ndim() != 1 || weight.shape(0) != x.shape(-1)) {
+    throw std::invalid_argument("[mlxtune rms_norm] expects float32 x (..., D) and weight (D).");
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(mx::to_stream(s), eps),
+                   {x, weight});
+}
+
+mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale,
+               const mx::array& offset, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || x.ndim() < 3 || dims % 2 != 0 || dims > x.shape(-1) ||
+      dims <= 0) {
+    throw std::invalid_argument(
+        "[mlxtune rope] expects float32 x (B, ..., T, D) and even dims <= D.");
+  }
+  if (offset.ndim() > 1 || (offset.size() != 1 && offset.size() != x.shape(0))) {
+    throw std::invalid_argument("[mlxtune rope] offset: one integer, or one per batch row.");
+  }
+  auto stream = mx::to_stream(s);
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<Rope>(stream, dims, traditional, base, scale),
+                   {x, mx::astype(offset, mx::int32, stream)});
+}
+
+}  // namespace mlxtune
