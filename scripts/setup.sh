@@ -60,8 +60,8 @@ esac
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.mlxtune-setup
-want="$(cat pyproject.toml scripts/setup.sh mlxtune/kernels/cpu_kernels.cpp \
-        mlxtune/kernels/CMakeLists.txt | sha1sum | cut -d' ' -f1) $extras"
+want="$(cat pyproject.toml scripts/setup.sh mlxtune/kernels/*.cpp mlxtune/kernels/*.h \
+        mlxtune/kernels/*.inc mlxtune/kernels/CMakeLists.txt | sha1sum | cut -d' ' -f1) $extras"
 kernels_ok=1
 if [ "${build_kernels:-0}" = 1 ] && ! ls mlxtune/kernels/_cpu_kernels*.so >/dev/null 2>&1; then
   kernels_ok=0

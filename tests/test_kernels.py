@@ -261,3 +261,14 @@ def test_swiglu_equals_mlx():
         assert mx.allclose(kernels.swiglu(g, u), swiglu(g, u), rtol=1e-5, atol=1e-6).item()
     with pytest.raises(RuntimeError, match="inference only"):
         mx.grad(lambda g: kernels.swiglu(g, up).sum())(gate)
+
+
+def test_a_module_built_from_older_sources_is_refused_not_a_crash(monkeypatch):
+    """A build left from older sources (new code, setup not rerun) falls back to MLX's ops with
+    a reason, instead of failing every import of mlxtune."""
+    import types
+
+    monkeypatch.setattr(kernels, "_REASON", kernels._REASON)
+    old = types.SimpleNamespace(MLX_VERSION=mx.__version__, dequantize=None, softmax_parts=None)
+    assert not kernels._usable(old)
+    assert kernels._REASON.startswith("built from older sources (no quantized_matmul, rms_norm")

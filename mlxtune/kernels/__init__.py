@@ -28,8 +28,17 @@ except ImportError:
 _REASON = "not built (run ./scripts/setup.sh, or python -m mlxtune.kernels.build)"
 
 
+# What this package's Python side calls: a module built from older sources lacks some of them.
+KERNELS = ("dequantize", "softmax_parts", "quantized_matmul", "rms_norm", "rope", "attention",
+           "swiglu")
+
+
 def _usable(module) -> bool:
     global _REASON
+    missing = [name for name in KERNELS if not hasattr(module, name)]
+    if missing:
+        _REASON = f"built from older sources (no {', '.join(missing)}): rebuild"
+        return False
     if module.MLX_VERSION != mx.__version__:
         _REASON = f"built for MLX {module.MLX_VERSION}, this is {mx.__version__}: rebuild"
         return False
