@@ -175,7 +175,7 @@ def eval_(
                        max_tokens=max_tokens, timeout=timeout, retries=retries, api_key=api_key,
                        resume=resume)
     _table(*reversed(summary.table()))
-    print(f"results in {out}: results.jsonl, summary.json, report.html")
+    print(f"results in {out}: {summary.written}")
 
 
 @app.command()

@@ -203,3 +203,47 @@ def test_preference_data_for_sft_and_sft_data_for_dpo_fail_before_loading(tmp_pa
 def test_preference_config_errors(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         run_training(pair_config(tmp_path, str(tmp_path / "m"), **extra), say=lambda s: None)
+
+
+def test_eval_reports_how_often_chosen_is_more_likely(tmp_path, tiny_qmodel_dir):
+    from typer.testing import CliRunner
+
+    from mlxtune.cli import app
+
+    run = run_training(pair_config(tmp_path, tiny_qmodel_dir, learning_rate=1e-3),
+                       say=lambda s: None).run_dir
+    test = tmp_path / "data" / "test.jsonl"
+    result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model",
+                                      str(tiny_qmodel_dir), "--adapter", str(run), "--compare",
+                                      str(tiny_qmodel_dir), "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert "prefers_chosen" in result.output and "95% CI" in result.output
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    tuned = summary["models"]["model"]["metrics"]["prefers_chosen"]
+    base = summary["models"]["compare"]["metrics"]["prefers_chosen"]
+    assert tuned >= 0.9
+    # The base's share, computed independently with stock mlx-lm's logits.
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(tiny_qmodel_dir)
+    stock = _stock(tiny_qmodel_dir, lora=False)
+    wins = []
+    for line in test.read_text().splitlines():
+        batch = collate([tokenize_pair(tok, json.loads(line), 256)])
+        c, r = np.array(_logps(stock, *batch)).tolist()
+        wins.append(1.0 if c > r else 0.0)
+    assert base == pytest.approx(np.mean(wins))
+    diff = summary["comparison"]["prefers_chosen"]
+    assert diff["diff"] == pytest.approx(tuned - base) and diff["low"] > 0
+    rows = (tmp_path / "eval" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * len(test.read_text().splitlines())
+
+
+def test_eval_of_pairs_through_a_server_is_one_line_error(tmp_path):
+    from mlxtune.errors import MlxtuneError
+    from mlxtune.evaluate.run import run_eval
+
+    data = write_pairs(tmp_path / "data", n_train=2, n_valid=2)
+    with pytest.raises(MlxtuneError, match="does not return; run it locally") as e:
+        run_eval(data, tmp_path / "eval", "tuned", url="http://127.0.0.1:9/v1")
+    assert "\n" not in str(e.value)

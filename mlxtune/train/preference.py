@@ -178,7 +178,7 @@ def orpo_loss(model: nn.Module, inputs, targets, mask, *, beta: float = 0.1):
     return orpo_losses(c, r, beta).mean(), pair_count(mask), _stats(beta * c, beta * r)
 
 
-def pair_logps(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int = 4):
+def pair_logps(model: nn.Module, pairs: list[Pair], batch_size: int = 4):
     """(chosen, rejected) summed answer log-probabilities of every pair, in eval mode."""
     from mlxtune.train.data import collate
 
