@@ -247,3 +247,18 @@ def test_eval_of_pairs_through_a_server_is_one_line_error(tmp_path):
     with pytest.raises(MlxtuneError, match="does not return; run it locally") as e:
         run_eval(data, tmp_path / "eval", "tuned", url="http://127.0.0.1:9/v1")
     assert "\n" not in str(e.value)
+
+
+def test_memory_plan_counts_both_answers_and_the_reference_pass(tmp_path, tiny_qmodel_dir):
+    from mlxtune.train.config import load_train_config
+    from mlxtune.train.memory import plan_memory
+
+    cfg = pair_config(tmp_path, tiny_qmodel_dir)
+    plans = {mode: plan_memory(tiny_qmodel_dir, load_train_config(cfg, [f"training_mode={mode}"]),
+                               "cpu", 0) for mode in ("sft", "orpo", "dpo")}
+    # A pair is two sequences: activations double; DPO adds a forward pass without a gradient.
+    assert plans["orpo"].activations == 2 * plans["sft"].activations
+    assert plans["sft"].reference == plans["orpo"].reference == 0 < plans["dpo"].reference
+    assert plans["dpo"].peak == plans["orpo"].peak + plans["dpo"].reference
+    lines = plans["dpo"].lines(load_train_config(cfg))
+    assert any(line.strip().startswith("reference forward (dpo") for line in lines)
