@@ -262,3 +262,38 @@ def test_memory_plan_counts_both_answers_and_the_reference_pass(tmp_path, tiny_q
     assert plans["dpo"].peak == plans["orpo"].peak + plans["dpo"].reference
     lines = plans["dpo"].lines(load_train_config(cfg))
     assert any(line.strip().startswith("reference forward (dpo") for line in lines)
+
+
+def test_resumed_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_qmodel_dir):
+    common = dict(learning_rate=1e-3, save_every=5, steps_per_eval=100)
+    whole = run_training(pair_config(tmp_path / "a", tiny_qmodel_dir, iters=10, **common),
+                         say=lambda s: None)
+    run_training(pair_config(tmp_path / "b", tiny_qmodel_dir, iters=5, **common),
+                 say=lambda s: None)
+    resumed = run_training(pair_config(tmp_path / "b", tiny_qmodel_dir, iters=10, **common),
+                           resume=True, say=lambda s: None)
+    a = [(r["step"], r["train_loss"], r["reward_margin"]) for r in _rows(whole.run_dir)
+         if "train_loss" in r]
+    b = [(r["step"], r["train_loss"], r["reward_margin"]) for r in _rows(resumed.run_dir)
+         if "train_loss" in r]
+    assert [s for s, *_ in b] == list(range(1, 11))
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_match_one_process_for_dpo(tmp_path, tiny_qmodel_dir):
+    import subprocess
+    import sys
+
+    common = dict(iters=2, steps_per_eval=2, save_every=2, learning_rate=1e-3)
+    single = pair_config(tmp_path / "single", tiny_qmodel_dir, batch_size=4, **common)
+    double = pair_config(tmp_path / "double", tiny_qmodel_dir, batch_size=2, **common)
+    assert subprocess.run([sys.executable, "-m", "mlxtune", "train", str(single)],
+                          capture_output=True, timeout=600).returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "mlxtune", "train", str(double), "-n", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    a, b = _rows(tmp_path / "single" / "run"), _rows(tmp_path / "double" / "run")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for key in ("train_loss", "val_loss", "reward_margin", "val_reward_accuracy"):
+        np.testing.assert_allclose([r[key] for r in a if key in r], [r[key] for r in b if key in r],
+                                   atol=1e-4, err_msg=key)
