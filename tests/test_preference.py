@@ -34,8 +34,8 @@ def _lora_weights(model) -> dict:
             for k, v in tree_flatten(model.trainable_parameters())}
 
 
-def _ours(model_dir):
-    """The model as mlxtune trains it: the CPU fast path (fused loss), then LoRA."""
+def _ours(model_dir, dora: bool = False):
+    """The model as mlxtune trains it: the CPU fast path (fused loss), then LoRA (or DoRA)."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
@@ -44,8 +44,12 @@ def _ours(model_dir):
     model, _ = load_model(model_dir)
     prepare_for_training(model, "cpu")
     model.freeze()
-    linear_to_lora_layers(model, 2, LORA)
-    model.update(tree_unflatten(list(_lora_weights(model).items())))
+    linear_to_lora_layers(model, 2, LORA, use_dora=dora)
+    weights = _lora_weights(model)
+    if dora:  # DoRA's magnitudes start at the weights' norms: move them a little, not to noise
+        weights = {k: (v if not k.endswith(".m") else dict(tree_flatten(model.parameters()))[k]
+                       * 1.1) for k, v in weights.items()}
+    model.update(tree_unflatten(list(weights.items())))
     return model
 
 
@@ -127,9 +131,11 @@ def test_losses_and_gradients_equal_the_published_formulas(kind, pair_batch, tin
                                    rtol=1e-3, err_msg=k)
 
 
-def test_adapters_off_is_the_base_model_and_puts_the_adapters_back(pair_batch, tiny_qmodel_dir):
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapters_off_is_the_base_model_and_puts_the_adapters_back(dora, pair_batch,
+                                                                   tiny_qmodel_dir):
     inputs, targets, mask = pair_batch
-    ours = _ours(tiny_qmodel_dir)
+    ours = _ours(tiny_qmodel_dir, dora)
     before = sequence_logps(ours, inputs, targets, mask)[0]
     with adapters_off(ours):
         off = sequence_logps(ours, inputs, targets, mask)[0]
