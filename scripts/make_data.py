@@ -9,8 +9,10 @@ a sentence about a person, in many phrasings, into one JSON object with fixed ke
 Alpaca's export shape (instruction / input / output), so `mlxtune prepare` has real work to do.
 Names, cities and jobs are drawn from short built-in lists; every row is synthetic.
 
-The pairs (TRL's prompt / chosen / rejected strings) prefer the exact JSON to a worse answer of
-one of three kinds, in turn: the facts in prose, the JSON with another city, or with the age off.
+The pairs (TRL's prompt / chosen / rejected strings) prefer the bare exact JSON, which a program
+can parse, to a worse answer of one of three kinds in turn: the JSON in a Markdown code block,
+the JSON after a chatty preamble (both of which the instruct model itself favours), or the JSON
+with a wrong city.
 """
 
 from __future__ import annotations
@@ -56,15 +58,14 @@ def make_rows(n: int, seed: int) -> list[dict]:
 
 
 def _worse(fields: dict, kind: int, rng: random.Random) -> str:
-    """An answer worse than the exact JSON: prose, a wrong city, or a wrong age."""
+    """An answer worse than the bare exact JSON, for a program that parses the reply: the JSON in
+    a Markdown code block, the JSON after a chatty preamble, or the JSON with a wrong city."""
+    exact = json.dumps(fields)
     if kind == 0:
-        return (f"{fields['name']} is a {fields['age']}-year-old {fields['job']} who lives in "
-                f"{fields['city']}.")
-    wrong = dict(fields)
+        return f"```json\n{exact}\n```"
     if kind == 1:
-        wrong["city"] = rng.choice([c for c in CITIES if c != fields["city"]])
-    else:
-        wrong["age"] = fields["age"] + rng.choice([-11, -7, -3, 3, 7, 11])
+        return f"Sure! Here is the information as JSON:\n\n{exact}"
+    wrong = dict(fields, city=rng.choice([c for c in CITIES if c != fields["city"]]))
     return json.dumps(wrong)
 
 

@@ -52,6 +52,13 @@ def load_for_training(model_dir: Path, config: TrainConfig):
     return model, tokenizer
 
 
+def _rewards(stats: dict) -> str:
+    """', reward accuracy A, margin M' for a preference run's statistics; '' for SFT."""
+    if not stats:
+        return ""
+    return f", reward accuracy {stats['reward_accuracy']:.3f}, margin {stats['reward_margin']:.3f}"
+
+
 class _Progress:
     """A live bar on a terminal; plain report lines otherwise (CI, logs, pipes)."""
 
@@ -205,9 +212,8 @@ class TrainingSession:
                                          w["steps"], 1)
             means = {k: v / w["steps"] for k, v in w["stats"].items()}
             lr = self.optimizer.learning_rate.item()
-            extra = (f", reward accuracy {means['reward_accuracy']:.3f}, margin "
-                     f"{means['reward_margin']:.3f}" if means else "")
-            self.progress.say(f"step {step}/{self.total}: train loss {train_loss:.4f}{extra}, "
+            self.progress.say(f"step {step}/{self.total}: train loss {train_loss:.4f}"
+                              f"{_rewards(means)}, "
                               f"lr {lr:.2e}, {tps:,.0f} tok/s, peak {peak:.2f} GB")
             if self.main:
                 self.metrics.add(step=step, train_loss=train_loss, learning_rate=lr,
@@ -230,9 +236,7 @@ class TrainingSession:
         val, stats = evaluate_with_stats(self.model, eval_batches(mine, cfg.batch_size,
                                                                    cfg.val_batches), self.loss)
         self.last_val, self.last_val_stats = val, stats
-        extra = (f", reward accuracy {stats['reward_accuracy']:.3f}, margin "
-                 f"{stats['reward_margin']:.3f}" if stats else "")
-        self.progress.say(f"step {step}: val loss {val:.4f}{extra}")
+        self.progress.say(f"step {step}: val loss {val:.4f}{_rewards(stats)}")
         if self.main:
             self.metrics.add(step=step, val_loss=val, **{f"val_{k}": v for k, v in stats.items()})
             self.metrics.plot()
