@@ -88,7 +88,8 @@ def _example_kind(record: dict, path: Path, line_no: int) -> str:
                     f"('prompt', 'chosen', 'rejected'), got keys {sorted(record)}")
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template."""
     text = tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
     return tokenizer.encode(text, add_special_tokens=False)
@@ -96,7 +97,7 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
 
 def tokenize_chat(tokenizer, messages: list[dict], mask_prompt: bool) -> Tokenized:
     """Token ids of a conversation; with `mask_prompt`, loss only on assistant turns and their end."""
-    tokens = _render(tokenizer, messages)
+    tokens = render_chat(tokenizer, messages)
     mask = np.ones(len(tokens), dtype=bool)
     if mask_prompt:
         mask[:] = False
@@ -104,8 +105,8 @@ def tokenize_chat(tokenizer, messages: list[dict], mask_prompt: bool) -> Tokeniz
             if message.get("role") != "assistant":
                 continue
             # The answer is what the template adds between "prompt for turn i" and "turn i done".
-            start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-            end = len(_render(tokenizer, messages[: i + 1]))
+            start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
+            end = len(render_chat(tokenizer, messages[: i + 1]))
             mask[start:end] = True
     return Tokenized(np.array(tokens, dtype=np.int32), mask)
 

@@ -28,7 +28,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from mlxtune.fastpath import token_losses
-from mlxtune.train.data import Tokenized, _render
+from mlxtune.train.data import Tokenized, render_chat
 
 MODES = ("sft", "dpo", "orpo")
 STATS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
@@ -58,8 +58,8 @@ def _messages(value, role: str) -> list[dict]:
 def tokenize_answer(tokenizer, prompt: list[dict], answer: list[dict]) -> Tokenized:
     """Token ids of prompt + answer with the loss mask on the answer (and its end token) only."""
     if getattr(tokenizer, "chat_template", None):
-        start = len(_render(tokenizer, prompt, add_generation_prompt=True))
-        tokens = _render(tokenizer, prompt + answer)
+        start = len(render_chat(tokenizer, prompt, add_generation_prompt=True))
+        tokens = render_chat(tokenizer, prompt + answer)
     else:
         head = tokenizer.encode("\n".join(str(m.get("content", "")) for m in prompt))
         tail = tokenizer.encode("".join(str(m.get("content", "")) for m in answer),
