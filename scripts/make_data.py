@@ -9,9 +9,8 @@ a sentence about a person, in many phrasings, into one JSON object with fixed ke
 Alpaca's export shape (instruction / input / output), so `mlxtune prepare` has real work to do.
 Names, cities and jobs are drawn from short built-in lists; every row is synthetic.
 
-The pairs (TRL's prompt / chosen / rejected strings) prefer the bare exact JSON, which a program
-can parse, to a worse answer of one of three kinds in turn: the JSON in a Markdown code block,
-the JSON after a chatty preamble (both of which the instruct model itself favours), or the JSON
+The pairs (TRL's prompt / chosen / rejected strings) prefer the exact JSON with all four fields
+to a worse answer of one of three kinds in turn: the JSON without the job, without the age, or
 with a wrong city.
 """
 
@@ -58,15 +57,14 @@ def make_rows(n: int, seed: int) -> list[dict]:
 
 
 def _worse(fields: dict, kind: int, rng: random.Random) -> str:
-    """An answer worse than the bare exact JSON, for a program that parses the reply: the JSON in
-    a Markdown code block, the JSON after a chatty preamble, or the JSON with a wrong city."""
-    exact = json.dumps(fields)
-    if kind == 0:
-        return f"```json\n{exact}\n```"
-    if kind == 1:
-        return f"Sure! Here is the information as JSON:\n\n{exact}"
-    wrong = dict(fields, city=rng.choice([c for c in CITIES if c != fields["city"]]))
-    return json.dumps(wrong)
+    """An answer worse than the exact JSON: without the job, without the age, or with a wrong
+    city. The first two are shorter, so the base model, summing log-probabilities over fewer
+    tokens, tends to prefer them: the preference has to be learned."""
+    if kind == 2:
+        return json.dumps(dict(fields, city=rng.choice([c for c in CITIES
+                                                        if c != fields["city"]])))
+    drop = "job" if kind == 0 else "age"
+    return json.dumps({k: v for k, v in fields.items() if k != drop})
 
 
 def make_pairs(n: int, seed: int) -> list[dict]:
