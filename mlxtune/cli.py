@@ -109,7 +109,8 @@ def prepare(
     out: Path = typer.Option(..., "--out", help="Folder for train/valid/test.jsonl and "
                                                 "report.json (replaced atomically)."),
     format_: str = typer.Option("auto", "--format", help="auto, alpaca, sharegpt, chat, "
-                                "completions or text (default: detected per file)."),
+                                "completions, text or preference (default: detected per "
+                                "file)."),
     columns: Optional[str] = typer.Option(None, "--columns", help="Which fields hold what, e.g. "
                                           "prompt=Question,completion=Answer (also system=, "
                                           "text=)."),
@@ -205,7 +206,7 @@ def eval_(
                        max_tokens=max_tokens, timeout=timeout, retries=retries, api_key=api_key,
                        resume=resume)
     _table(*reversed(summary.table()))
-    print(f"results in {out}: results.jsonl, summary.json, report.html")
+    print(f"results in {out}: {summary.written}")
 
 
 @app.command()

@@ -33,6 +33,7 @@ class Summary:
     models: dict[str, dict]
     comparison: dict[str, dict] = field(default_factory=dict)
     largest_differences: list[dict] = field(default_factory=list)
+    written: str = "results.jsonl, summary.json, report.html"
 
     def to_dict(self) -> dict:
         """summary.json's content."""
@@ -196,7 +197,16 @@ def run_eval(data: Path, out: Path, model: str, *, url: str | None = None,
              limit: int | None = None, concurrency: int = 4, max_tokens: int = 256,
              timeout: float = 120.0, retries: int = 3, api_key: str | None = None,
              resume: bool = False) -> Summary:
-    """Answer, score and compare; writes out/results.jsonl, summary.json and report.html."""
+    """Answer, score and compare; writes out/results.jsonl, summary.json and report.html.
+    Preference pairs (prompt, chosen, rejected) are scored by log-probability instead."""
+    from mlxtune.evaluate.examples import find_test_file
+    from mlxtune.evaluate.preference import is_preference_file, run_preference_eval
+
+    if limit is not None and limit < 1:
+        raise MlxtuneError(f"--limit must be at least 1, got {limit}")
+    if is_preference_file(find_test_file(data)):
+        return run_preference_eval(find_test_file(data), out, model, url=url, adapter=adapter,
+                                   compare=compare, limit=limit)
     names = M.parse_metrics(metrics)
     scores = M.score_names(names)
     if limit is not None and limit < 1:

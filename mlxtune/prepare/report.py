@@ -11,7 +11,9 @@ from pathlib import Path
 
 from mlxtune.prepare.splits import SPLITS
 
-REASONS = ("malformed", "empty", "no_answer", "duplicate", "too_long")
+REASONS = ("malformed", "empty", "no_answer", "duplicate", "too_long",
+           # preference pairs only
+           "identical", "no_shared_prompt", "tied")
 # Dropped rows held in memory for the summary; report.json gets all of them, from a spool file.
 _IN_MEMORY = 1000
 _SHOWN = 20

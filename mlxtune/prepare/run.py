@@ -19,6 +19,7 @@ from pathlib import Path
 from mlxtune.errors import ConfigError, DataError, ModelError
 from mlxtune.models.folder import atomic_folder
 from mlxtune.prepare.fingerprints import FingerprintSet
+from mlxtune.prepare.pairs import detect_pairs, to_pair, with_system
 from mlxtune.prepare.readers import Malformed, Source
 from mlxtune.prepare.report import DropLog, Report, token_stats
 from mlxtune.prepare.shapes import (FORMATS, Drop, Shape, as_chat, detect_shape, parse_columns,
@@ -131,6 +132,9 @@ def _file_shape(source: Source, options: PrepareOptions) -> Shape | None:
     try:
         for _, record in rows:
             if isinstance(record, (dict, str)):  # a stray array or number is one bad row
+                pairs = detect_pairs(str(source.path), record, options.format)
+                if pairs:
+                    return pairs
                 return detect_shape(str(source.path), record, options.format, options.columns)
     finally:
         rows.close()
@@ -144,6 +148,12 @@ def _file_shape(source: Source, options: PrepareOptions) -> Shape | None:
 def _common_kind(sources: list[Source], shapes: list, options: PrepareOptions) -> str:
     """The one mlx-lm format every split file will hold, since mlx-lm reads one per file."""
     kinds = {shape.kind for shape in shapes if shape}
+    if "preference" in kinds and len(kinds) > 1:
+        pairs = [str(s.path) for s, sh in zip(sources, shapes) if sh and sh.kind == "preference"]
+        other = [str(s.path) for s, sh in zip(sources, shapes) if sh and sh.kind != "preference"]
+        raise DataError(f"cannot mix preference pairs ({', '.join(pairs)}) with SFT examples "
+                        f"({', '.join(other)}): they train differently; prepare them into "
+                        "separate folders")
     if "text" in kinds and (len(kinds) > 1 or options.system):
         text = [str(s.path) for s, sh in zip(sources, shapes) if sh and sh.kind == "text"]
         if options.system:
@@ -153,7 +163,7 @@ def _common_kind(sources: list[Source], shapes: list, options: PrepareOptions) -
                         f"data ({', '.join(other)}): mlx-lm reads one format per file; prepare "
                         "them into separate folders")
     # Chat is the common form: mlx-lm renders completions as a user and an assistant turn anyway.
-    if "chat" in kinds or options.system:
+    if "chat" in kinds or (options.system and kinds != {"preference"}):
         return "chat"
     return kinds.pop() if kinds else "completions"
 
@@ -170,6 +180,10 @@ def _token_counter(model: str, kind: str) -> Callable[[dict], int]:
         raise ModelError(f"{model}: its tokenizer has no chat template, which {kind} data needs")
 
     def count(example: dict) -> int:
+        if kind == "preference":  # the longer of the two sequences a pair trains on
+            return max(len(tokenizer.apply_chat_template(example["prompt"] + example[side],
+                                                         return_dict=False))
+                       for side in ("chosen", "rejected"))
         if kind == "text":
             ids = tokenizer.encode(example["text"])
             return len(ids) + (not ids or ids[-1] != tokenizer.eos_token_id)
@@ -207,7 +221,10 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
                 try:
                     if isinstance(record, Malformed):
                         raise Drop("malformed", record.why)
-                    example = to_example(shape, record)
+                    if kind == "preference":
+                        example = with_system(to_pair(shape, record), options.system)
+                    else:
+                        example = to_example(shape, record)
                     if kind == "chat":
                         example = as_chat(example, options.system)
                     line = encode(example).encode()

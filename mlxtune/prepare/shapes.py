@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from mlxtune.errors import ConfigError, DataError
 
-FORMATS = ("auto", "alpaca", "sharegpt", "chat", "completions", "text")
+FORMATS = ("auto", "alpaca", "sharegpt", "chat", "completions", "text", "preference")
 COLUMN_ROLES = ("prompt", "completion", "system", "text")
 
 # ShareGPT and its descendants spell roles many ways; unknown roles are rejected, not guessed.

@@ -89,6 +89,18 @@ class TrainConfig:
     data: str = setting("data/ready", "Folder with train.jsonl and valid.jsonl (mlx-lm formats).")
     fine_tune_type: Literal["lora", "dora", "full"] = setting(
         "lora", "lora, dora, or full (all weights; needs a float base).")
+    training_mode: Literal["sft", "dpo", "orpo"] = setting(
+        "sft", "sft (next-token loss on examples), or dpo / orpo (preference pairs: prompt, "
+               "chosen, rejected, as mlxtune prepare writes them).")
+    beta: float = setting(
+        0.1, "dpo: how far the tuned model may move from the reference (TRL's beta); orpo: the "
+             "weight lambda of the odds-ratio term.", min=1e-6)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = setting(
+        "sigmoid", "DPO loss: sigmoid (the DPO paper's), ipo (on per-token average "
+                   "log-probabilities), or hinge.")
+    reference: Literal["base"] = setting(
+        "base", "DPO's reference model: the base with the adapter switched off (the same weights, "
+                "no second copy).")
     quantize: Optional[Quantize] = setting(
         None, "Quantize a float base at load (QLoRA). A quantized base is QLoRA already.")
     num_layers: int = setting(16, "Adapt the last N transformer blocks; -1 for all.", min=-1)
@@ -147,6 +159,12 @@ class TrainConfig:
         for name, args in self.optimizer_config.items():
             if not isinstance(args, dict):
                 yield f"optimizer_config.{name}", "expected a mapping of argument: value"
+        if self.training_mode == "dpo" and self.fine_tune_type == "full":
+            yield "training_mode", ("dpo's reference is the base with the adapter switched off; "
+                                    "full fine-tuning has no adapter (it would need a second copy "
+                                    "of the weights): use lora or dora")
+        if self.training_mode != "dpo" and self.loss_type != "sigmoid":
+            yield "loss_type", f"applies to training_mode dpo, not {self.training_mode}"
         if self.fine_tune_type == "full" and self.quantize is not None:
             yield "quantize", "full fine-tuning needs float weights; remove quantize or use lora"
 

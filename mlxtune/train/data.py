@@ -26,8 +26,10 @@ class Tokenized:
     loss_mask: np.ndarray
 
 
-def check_data_folder(folder: Path, need: tuple[str, ...] = ("train", "valid")) -> dict[str, Path]:
-    """The split files in `folder`, checked to exist and to hold JSON lines, before any model loads."""
+def check_data_folder(folder: Path, need: tuple[str, ...] = ("train", "valid"),
+                      mode: str = "sft") -> dict[str, Path]:
+    """The split files in `folder`, checked to exist and to hold JSON lines of the kind
+    `mode` trains on (pairs for dpo/orpo, examples for sft), before any model loads."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such data folder (make one with: mlxtune prepare RAW --out "
@@ -43,7 +45,8 @@ def check_data_folder(folder: Path, need: tuple[str, ...] = ("train", "valid")) 
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
-                    _example_kind(_parse(line, path, line_no), path, line_no)
+                    kind = _example_kind(_parse(line, path, line_no), path, line_no)
+                    _check_mode(kind, mode, path, line_no)
                     break
             else:
                 if split in need:
@@ -61,7 +64,19 @@ def _parse(line: str, path: Path, line_no: int) -> dict:
     return record
 
 
+def _check_mode(kind: str, mode: str, path: Path, line_no: int) -> None:
+    if mode == "sft" and kind == "preference":
+        raise DataError(f"{path}:{line_no}: holds preference pairs (prompt, chosen, rejected), "
+                        "which SFT cannot train on; set training_mode: dpo or orpo")
+    if mode != "sft" and kind != "preference":
+        raise DataError(f"{path}:{line_no}: training_mode {mode} needs preference pairs "
+                        f"(prompt, chosen, rejected), got {kind} examples; prepare pair data "
+                        "(mlxtune prepare) or set training_mode: sft")
+
+
 def _example_kind(record: dict, path: Path, line_no: int) -> str:
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if isinstance(record.get("messages"), list):
         return "chat"
     if "prompt" in record and "completion" in record:
@@ -69,10 +84,12 @@ def _example_kind(record: dict, path: Path, line_no: int) -> str:
     if isinstance(record.get("text"), str):
         return "text"
     raise DataError(f"{path}:{line_no}: expected mlx-lm's chat ('messages'), completions "
-                    f"('prompt', 'completion') or text ('text') format, got keys {sorted(record)}")
+                    f"('prompt', 'completion') or text ('text') format, or preference pairs "
+                    f"('prompt', 'chosen', 'rejected'), got keys {sorted(record)}")
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template (a DataError if it refuses)."""
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
@@ -96,7 +113,7 @@ def check_messages(messages: object) -> None:
 def tokenize_chat(tokenizer, messages: list[dict], mask_prompt: bool) -> Tokenized:
     """Token ids of a conversation; with `mask_prompt`, loss only on assistant turns and their end."""
     check_messages(messages)
-    tokens = _render(tokenizer, messages)
+    tokens = render_chat(tokenizer, messages)
     mask = np.ones(len(tokens), dtype=bool)
     if mask_prompt:
         mask[:] = False
@@ -104,8 +121,8 @@ def tokenize_chat(tokenizer, messages: list[dict], mask_prompt: bool) -> Tokeniz
             if message.get("role") != "assistant":
                 continue
             # The answer is what the template adds between "prompt for turn i" and "turn i done".
-            start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-            end = len(_render(tokenizer, messages[: i + 1]))
+            start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
+            end = len(render_chat(tokenizer, messages[: i + 1]))
             mask[start:end] = True
     return Tokenized(np.array(tokens, dtype=np.int32), mask)
 
@@ -130,16 +147,25 @@ def tokenize_record(tokenizer, record: dict, mask_prompt: bool) -> Tokenized:
     return Tokenized(np.array(tokens, dtype=np.int32), np.ones(len(tokens), dtype=bool))
 
 
-def load_split(path: Path, tokenizer, mask_prompt: bool, max_seq_length: int) -> list[Tokenized]:
-    """Every example of one split file, tokenized and truncated to `max_seq_length` + 1 tokens."""
+def load_split(path: Path, tokenizer, mask_prompt: bool, max_seq_length: int,
+               mode: str = "sft") -> list:
+    """Every example of one split file, tokenized and truncated to `max_seq_length` + 1 tokens:
+    Tokenized examples for sft, preference Pairs for dpo/orpo."""
+    from mlxtune.train.preference import tokenize_pair
+
     examples = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             record = _parse(line, path, line_no)
-            _example_kind(record, path, line_no)
+            _check_mode(_example_kind(record, path, line_no), mode, path, line_no)
             try:
+                if mode != "sft":
+                    pair = tokenize_pair(tokenizer, record, max_seq_length)
+                    if pair is not None:
+                        examples.append(pair)
+                    continue
                 ex = tokenize_record(tokenizer, record, mask_prompt)
             except DataError as e:
                 raise DataError(f"{path}:{line_no}: {e}") from None
@@ -166,10 +192,13 @@ def batch_indices(n_examples: int, batch_size: int, seed: int, index: int) -> np
     return order[within * batch_size: (within + 1) * batch_size]
 
 
-def collate(examples: list[Tokenized], pad_id: int = 0, multiple: int = 8):
-    """(inputs, targets, mask) int32/float32 arrays, padded to a multiple of `multiple` tokens."""
+def collate(examples: list, pad_id: int = 0, multiple: int = 8):
+    """(inputs, targets, mask) int32/float32 arrays, padded to a multiple of `multiple` tokens.
+    Preference pairs become 2n rows: the n chosen answers, then the n rejected ones."""
     import mlx.core as mx
 
+    if examples and hasattr(examples[0], "chosen"):
+        examples = [p.chosen for p in examples] + [p.rejected for p in examples]
     longest = max(len(e.tokens) for e in examples) - 1
     width = max(multiple, math.ceil(longest / multiple) * multiple)
     inputs = np.full((len(examples), width), pad_id, dtype=np.int32)

@@ -37,6 +37,7 @@ class MemoryPlan:
     peak: int
     available: int
     trainable_params: int
+    reference: int = 0  # DPO's reference forward pass (the base, adapters off, no gradient)
 
     @property
     def fits(self) -> bool:
@@ -65,6 +66,8 @@ class MemoryPlan:
             (f"activations ({ckpt} checkpointing)", self.activations),
             ("logits and loss", self.logits),
         ]
+        if config.training_mode == "dpo":
+            rows.append(("reference forward (dpo, no gradient)", self.reference))
         out = [f"  {name:<40} {size / GB:8.2f} GB" for name, size in rows]
         out.append(f"  {'(activations ' + other + ' checkpointing)':<40} "
                    f"{self.activations_other / GB:8.2f} GB")
@@ -131,6 +134,8 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
     layers = config["num_hidden_layers"]
     n = layers if train.num_layers in (-1, 0) else min(train.num_layers, layers)
     b, t = train.batch_size, train.max_seq_length
+    if train.training_mode != "sft":
+        b *= 2  # a preference batch is its chosen answers and its rejected ones, one row each
     params = _lora_params(config, train, shapes)
     trainable = params * 4
     moments = {"adam": 2, "adamw": 2, "sgd": 0, "adafactor": 1}[train.optimizer]
@@ -170,10 +175,14 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
     transient = 2 * b * heads * t * t * act
     acts = ckpt_acts if train.grad_checkpoint else full_acts
     other = full_acts if train.grad_checkpoint else ckpt_acts
-    peak = weights + trainable * (2 + moments) + acts + logits + scratch + transient
+    # DPO runs the same rows through the base once more without a gradient: nothing of it is kept
+    # for the backward pass, so at most one block's activations and the loss's chunks are alive.
+    reference = block + logits if train.training_mode == "dpo" else 0
+    peak = weights + trainable * (2 + moments) + acts + logits + scratch + transient + reference
     return MemoryPlan(weights=weights, trainable=trainable, gradients=trainable,
                       optimizer=trainable * moments, activations=acts, activations_other=other,
-                      logits=logits, peak=peak, available=available, trainable_params=params)
+                      logits=logits, peak=peak, available=available, trainable_params=params,
+                      reference=reference)
 
 
 def _in_out(shape, dtype, config, name) -> int:

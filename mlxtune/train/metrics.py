@@ -6,7 +6,10 @@ import json
 import os
 from pathlib import Path
 
-KEYS = ("step", "train_loss", "val_loss", "learning_rate", "tokens_per_sec", "peak_memory_gb")
+# Preference runs (training_mode dpo/orpo) add the reward statistics, for training and validation.
+REWARDS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
+KEYS = ("step", "train_loss", "val_loss", "learning_rate", "tokens_per_sec", "peak_memory_gb",
+        *REWARDS, *(f"val_{k}" for k in REWARDS))
 
 
 class MetricsLog:

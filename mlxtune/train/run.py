@@ -23,6 +23,7 @@ class TrainResult:
     val_loss: float | None = None
     best_val_loss: float | None = None
     test_loss: float | None = None
+    val_stats: dict = field(default_factory=dict)  # preference runs: the last val reward stats
     stopped: str = "finished"
     plan: list[str] = field(default_factory=list)
 
@@ -67,7 +68,7 @@ def run_training(config_path: str | Path | None, overrides: list[str] = (), resu
     config = load_train_config(config_path, overrides)
     run_dir = run_folder(config, config_path)
     need = ("train", "valid", "test") if config.test else ("train", "valid")
-    files = check_data_folder(Path(config.data), need)
+    files = check_data_folder(Path(config.data), need, config.training_mode)
     if resume and not dry_run:
         from mlxtune.train.checkpoint import list_checkpoints
 

@@ -15,8 +15,22 @@ from mlxtune.errors import Interrupted, MlxtuneError
 from mlxtune.train import checkpoint as ckpt
 from mlxtune.train.config import TrainConfig
 from mlxtune.train.data import batches_per_epoch, eval_batches, iterate_batches, load_split
-from mlxtune.train.loop import evaluate, train
+from mlxtune.train.loop import evaluate_with_stats, masked_loss, token_count, train
 from mlxtune.train.metrics import MetricsLog
+
+
+def choose_loss(config: TrainConfig):
+    """(loss, count) for the config's training_mode: the token-mean SFT loss, or a pair-mean
+    preference loss."""
+    from functools import partial
+
+    from mlxtune.train.preference import dpo_loss, orpo_loss, pair_count
+
+    if config.training_mode == "dpo":
+        return partial(dpo_loss, beta=config.beta, loss_type=config.loss_type), pair_count
+    if config.training_mode == "orpo":
+        return partial(orpo_loss, beta=config.beta), pair_count
+    return masked_loss, token_count
 
 
 def load_for_training(model_dir: Path, config: TrainConfig):
@@ -36,6 +50,13 @@ def load_for_training(model_dir: Path, config: TrainConfig):
     # The one place the compute path is chosen: on the CPU, de-quantize per layer and use fp32.
     prepare_for_training(model)
     return model, tokenizer
+
+
+def _rewards(stats: dict) -> str:
+    """', reward accuracy A, margin M' for a preference run's statistics; '' for SFT."""
+    if not stats:
+        return ""
+    return f", reward accuracy {stats['reward_accuracy']:.3f}, margin {stats['reward_margin']:.3f}"
 
 
 class _Progress:
@@ -107,8 +128,12 @@ class TrainingSession:
             from mlx_lm.tuner.trainer import grad_checkpoint
 
             grad_checkpoint(model.layers[0])
-        train_set = load_split(self.files["train"], tokenizer, cfg.mask_prompt, cfg.max_seq_length)
-        valid_set = load_split(self.files["valid"], tokenizer, cfg.mask_prompt, cfg.max_seq_length)
+        mode = cfg.training_mode
+        train_set = load_split(self.files["train"], tokenizer, cfg.mask_prompt, cfg.max_seq_length,
+                               mode)
+        valid_set = load_split(self.files["valid"], tokenizer, cfg.mask_prompt, cfg.max_seq_length,
+                               mode)
+        self.loss, self.count = choose_loss(cfg)
         global_batch = cfg.batch_size * self.world.size()
         per_epoch = batches_per_epoch(len(train_set), global_batch)
         total = (math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation_steps)
@@ -137,8 +162,9 @@ class TrainingSession:
             trackers = open_trackers(cfg.report_to, self.run_dir, cfg.project_name,
                                      config_to_dict(cfg))
             self.metrics = MetricsLog(self.run_dir, start if resume else None, trackers)
+        what = "examples" if mode == "sft" else f"preference pairs ({mode})"
         self.say(f"training {trainable_count(model) / 1e6:.3f}M parameters "
-                 f"({cfg.fine_tune_type}) on {len(train_set)} examples for {total} steps; "
+                 f"({cfg.fine_tune_type}) on {len(train_set)} {what} for {total} steps; "
                  f"run folder {self.run_dir}")
         batches = iterate_batches(train_set, cfg.batch_size, cfg.seed,
                                   start * cfg.grad_accumulation_steps, self.world.rank(),
@@ -149,9 +175,10 @@ class TrainingSession:
         try:
             if start == 0:
                 self._eval(0)
-            self.window = {"tokens": 0, "loss": 0.0, "time": time.perf_counter(), "steps": 0}
-            done = train(model, optimizer, batches, total, accumulation=cfg.grad_accumulation_steps,
-                         start_step=start, seed=cfg.seed, on_step=self._on_step)
+            self._new_window()
+            done = train(model, optimizer, batches, total, loss=self.loss, count=self.count,
+                         accumulation=cfg.grad_accumulation_steps, start_step=start,
+                         seed=cfg.seed, on_step=self._on_step)
         finally:
             signal.signal(signal.SIGINT, previous)
             self.progress.close()
@@ -165,7 +192,12 @@ class TrainingSession:
         self.interrupted = True
         self.say("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
 
-    def _on_step(self, step: int, loss: float, ntoks: int) -> bool:
+    def _new_window(self) -> None:
+        # What the next report line averages: every update since the last one.
+        self.window = {"tokens": 0, "loss": 0.0, "time": time.perf_counter(), "steps": 0,
+                       "stats": {}}
+
+    def _on_step(self, step: int, loss: float, ntoks: int, stats: dict) -> bool:
         cfg, w = self.config, self.window
         if not math.isfinite(loss):
             last = ckpt.list_checkpoints(self.run_dir)
@@ -174,21 +206,28 @@ class TrainingSession:
                 f"step {step}: the training loss is {loss}; {where}. Lower learning_rate "
                 f"(now {cfg.learning_rate}), add warmup, or check the data for empty answers")
         w["tokens"] += ntoks
-        w["loss"] += loss * ntoks
+        # SFT losses are token means (weighted by tokens), preference losses pair means (each
+        # update has the same number of pairs).
+        weight = ntoks if cfg.training_mode == "sft" else 1
+        w["loss"] += loss * weight
         w["steps"] += 1
+        w["stats"] = {k: w["stats"].get(k, 0.0) + v for k, v in stats.items()}
         elapsed = time.perf_counter() - w["time"]
         tps = w["tokens"] / max(elapsed, 1e-9)  # tokens are already summed over ranks
         peak = mx.get_peak_memory() / 1024**3
         self.progress.update(step, f"loss {loss:.3f}  {tps:,.0f} tok/s  {peak:.2f} GB")
         if step % cfg.steps_per_report == 0 or step == self.total:
-            train_loss = w["loss"] / max(w["tokens"], 1)
+            train_loss = w["loss"] / max(w["tokens"] if cfg.training_mode == "sft" else
+                                         w["steps"], 1)
+            means = {k: v / w["steps"] for k, v in w["stats"].items()}
             lr = self.optimizer.learning_rate.item()
-            self.progress.say(f"step {step}/{self.total}: train loss {train_loss:.4f}, "
+            self.progress.say(f"step {step}/{self.total}: train loss {train_loss:.4f}"
+                              f"{_rewards(means)}, "
                               f"lr {lr:.2e}, {tps:,.0f} tok/s, peak {peak:.2f} GB")
             if self.main:
                 self.metrics.add(step=step, train_loss=train_loss, learning_rate=lr,
-                                 tokens_per_sec=tps, peak_memory_gb=peak)
-            self.window = {"tokens": 0, "loss": 0.0, "time": time.perf_counter(), "steps": 0}
+                                 tokens_per_sec=tps, peak_memory_gb=peak, **means)
+            self._new_window()
         stop = False
         if step % cfg.steps_per_eval == 0 or step == self.total:
             stop = self._eval(step)
@@ -203,11 +242,12 @@ class TrainingSession:
         cfg = self.config
         # Each rank scores its own share; evaluate() sums across ranks.
         mine = self.valid_set[self.world.rank()::self.world.size()]
-        val = evaluate(self.model, eval_batches(mine, cfg.batch_size, cfg.val_batches))
-        self.last_val = val
-        self.progress.say(f"step {step}: val loss {val:.4f}")
+        val, stats = evaluate_with_stats(self.model, eval_batches(mine, cfg.batch_size,
+                                                                   cfg.val_batches), self.loss)
+        self.last_val, self.last_val_stats = val, stats
+        self.progress.say(f"step {step}: val loss {val:.4f}{_rewards(stats)}")
         if self.main:
-            self.metrics.add(step=step, val_loss=val)
+            self.metrics.add(step=step, val_loss=val, **{f"val_{k}": v for k, v in stats.items()})
             self.metrics.plot()
         improved = val < self.best - (cfg.early_stopping.min_delta if cfg.early_stopping else 0)
         if improved:
@@ -235,12 +275,13 @@ class TrainingSession:
         cfg = self.config
         result.steps, result.stopped = done, self.stop_reason
         result.val_loss = getattr(self, "last_val", None)
+        result.val_stats = getattr(self, "last_val_stats", {})
         result.best_val_loss = self.best if math.isfinite(self.best) else None
         if cfg.test and "test" in self.files:
             test_set = load_split(self.files["test"], tokenizer, cfg.mask_prompt,
-                                  cfg.max_seq_length)
-            result.test_loss = evaluate(self.model, eval_batches(test_set, cfg.batch_size,
-                                                                 cfg.test_batches))
+                                  cfg.max_seq_length, cfg.training_mode)
+            result.test_loss, _ = evaluate_with_stats(
+                self.model, eval_batches(test_set, cfg.batch_size, cfg.test_batches), self.loss)
             self.say(f"test loss {result.test_loss:.4f}")
         if self.stop_reason == "interrupted":
             raise Interrupted(f"interrupted at step {done}; checkpoint saved in {self.run_dir}; "
