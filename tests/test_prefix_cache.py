@@ -2,11 +2,15 @@
 answers are the same as without the cache."""
 
 import mlx.core as mx
+import pytest
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.utils import load_model
 
 from mlxtune.fastpath import prepare_for_inference
 from mlxtune.serve.prefix_cache import PrefixCache
+
+# Answers with and without the cache: rerun per compute variant (test.sh --variants).
+pytestmark = pytest.mark.numerics
 
 
 def _answers(model, prompts, prefix=None, key="base", tokens=5):
