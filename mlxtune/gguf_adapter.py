@@ -11,13 +11,12 @@ of the output).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from mlxtune.errors import MlxtuneError
-from mlxtune.gguf_export import _ARCHITECTURES, _gguf_names, _rename, permute_rows
+from mlxtune.gguf_export import _ARCHITECTURES, _gguf_names, _rename, gguf_file, permute_rows
 from mlxtune.models.folder import read_config
 
 
@@ -77,11 +76,7 @@ def write_gguf_adapter(adapter_dir: Path, model_dir: Path, out: Path
                for k, v in mx.load(str(adapter_dir / "adapters.safetensors")).items()}
     alpha, tensors = adapter_tensors(weights, scale, heads,
                                      config.get("num_key_value_heads", heads))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    try:
+    with gguf_file(out) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -89,13 +84,4 @@ def write_gguf_adapter(adapter_dir: Path, model_dir: Path, out: Path
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         for name, w in tensors.items():
             writer.add_tensor(name, w)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out, alpha, len(tensors) // 2
+    return Path(out), alpha, len(tensors) // 2

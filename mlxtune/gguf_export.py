@@ -10,6 +10,8 @@ llama.cpp's own writer and quantizers (F16, Q8_0, Q4_0).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 import os
 from pathlib import Path
@@ -163,11 +165,7 @@ def write_gguf(folder: Path, out: Path, kind: str = "f16") -> Path:
     hidden = config["hidden_size"]
     qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
              "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    try:
+    with gguf_file(out) as writer:
         writer.add_name(folder.name)
         writer.add_context_length(config.get("max_position_embeddings", 2048))
         writer.add_embedding_length(hidden)
@@ -196,6 +194,21 @@ def write_gguf(folder: Path, out: Path, kind: str = "f16") -> Path:
                 writer.add_tensor(new, w.astype(np.float16))
             else:
                 writer.add_tensor(new, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+    return Path(out)
+
+
+@contextmanager
+def gguf_file(out: Path, arch: str = "llama"):
+    """A GGUFWriter for `out` that writes to a temp file beside it and renames it onto `out` when
+    the block ends; on any error the temp file is removed and `out` is left as it was."""
+    import gguf
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield writer
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -205,4 +218,3 @@ def write_gguf(folder: Path, out: Path, kind: str = "f16") -> Path:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlxtune.errors import DataError, MlxtuneError
 from mlxtune.evaluate.client import LocalBackend
-from mlxtune.evaluate.stats import paired_bootstrap
+from mlxtune.evaluate.stats import comparison_table, paired_bootstrap
 
 SCORES = ("prefers_chosen", "logp_margin")
 
@@ -50,21 +50,7 @@ class PreferenceSummary:
 
     def table(self) -> tuple[list[str], list[dict]]:
         """Columns and rows for the terminal, as the generation eval prints them."""
-        labels = {role: m["label"] for role, m in self.models.items()}
-        columns = ["metric", *labels.values()]
-        if "compare" in labels:
-            columns += ["difference", "95% CI"]
-        rows = []
-        for name in self.scores:
-            row = {"metric": name}
-            for role, label in labels.items():
-                row[label] = f"{self.models[role]['metrics'][name]:.3f}"
-            c = self.comparison.get(name)
-            if c and c["diff"] is not None:
-                row["difference"] = f"{c['diff']:+.3f}"
-                row["95% CI"] = f"[{c['low']:+.3f}, {c['high']:+.3f}]"
-            rows.append(row)
-        return columns, rows
+        return comparison_table(self.models, self.comparison, self.scores)
 
 
 def read_pairs(path: Path, limit: int | None) -> list[dict]:

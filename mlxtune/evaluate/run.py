@@ -17,7 +17,7 @@ from mlxtune.errors import Interrupted, MlxtuneError
 from mlxtune.evaluate import metrics as M
 from mlxtune.evaluate.client import LocalBackend, ServerBackend
 from mlxtune.evaluate.examples import read_examples
-from mlxtune.evaluate.stats import paired_bootstrap
+from mlxtune.evaluate.stats import comparison_table, paired_bootstrap
 
 ROLES = ("model", "compare")
 
@@ -41,29 +41,8 @@ class Summary:
 
     def table(self) -> tuple[list[str], list[dict]]:
         """Columns and rows for the terminal: a row per score, both models, their difference."""
-        labels = {role: m["label"] for role, m in self.models.items()}
-        columns = ["metric", *labels.values()]
-        if "compare" in labels:
-            columns += ["difference", "95% CI"]
-        rows = []
-        for name in [*self.scores, "perplexity", "latency_s", "tokens_per_s", "errors"]:
-            row = {"metric": name}
-            for role, label in labels.items():
-                value = self.models[role]["metrics"].get(name, self.models[role].get(name))
-                row[label] = _fmt(value)
-            c = self.comparison.get(name)
-            if c and c["diff"] is not None:
-                row["difference"] = f"{c['diff']:+.3f}"
-                row["95% CI"] = f"[{c['low']:+.3f}, {c['high']:+.3f}]"
-            if any(row.get(label) != "-" for label in labels.values()):
-                rows.append(row)
-        return columns, rows
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+        return comparison_table(self.models, self.comparison,
+                                [*self.scores, "perplexity", "latency_s", "tokens_per_s", "errors"])
 
 
 def _backends(model, url, adapter, compare, api_key, timeout, retries, max_tokens, concurrency):
