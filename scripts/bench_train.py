@@ -115,7 +115,7 @@ def leg_mlxtune(rows, warmup: int) -> dict:
     stream = ((i, b[:, :-1], b[:, 1:], mx.ones(b[:, 1:].shape)) for i, b in enumerate(batches))
     losses, ticks = [], [time.perf_counter()]
 
-    def on_step(step, loss, ntoks):
+    def on_step(step, loss, ntoks, stats=None):
         losses.append(loss)
         ticks.append(time.perf_counter())
         print(f"  step {step}/{len(batches)}: loss {loss:.4f}, {ticks[-1] - ticks[-2]:.2f} s",
