@@ -66,23 +66,29 @@ def _example(record, path: Path, line_no: int, index: int) -> Example | None:
                     f"'completion') or text ('text') format, got keys {sorted(record)}")
 
 
-def read_examples(data: Path, limit: int | None = None) -> tuple[Path, list[Example]]:
-    """The test file and its first `limit` examples (all when None), checked line by line."""
-    path = find_test_file(data)
-    examples = []
+def json_records(path: Path):
+    """(line number, parsed record) for each non-blank line of a JSONL test file, streamed; a
+    DataError with file:line at the first line that is not JSON."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            example = _example(record, path, line_no, len(examples))
-            if example is not None:
-                examples.append(example)
-            if limit is not None and len(examples) >= limit:
-                break
+
+
+def read_examples(data: Path, limit: int | None = None) -> tuple[Path, list[Example]]:
+    """The test file and its first `limit` examples (all when None), checked line by line."""
+    path = find_test_file(data)
+    examples = []
+    for line_no, record in json_records(path):
+        example = _example(record, path, line_no, len(examples))
+        if example is not None:
+            examples.append(example)
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise DataError(f"{path}: has no examples to evaluate")
     return path, examples

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mlxtune.errors import DataError, MlxtuneError
 from mlxtune.evaluate.client import LocalBackend
+from mlxtune.evaluate.examples import json_records
 from mlxtune.evaluate.stats import comparison_table, paired_bootstrap
 
 SCORES = ("prefers_chosen", "logp_margin")
@@ -56,13 +57,7 @@ class PreferenceSummary:
 def read_pairs(path: Path, limit: int | None) -> list[dict]:
     """The first `limit` pair records of a test file, checked."""
     records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    for line_no, record in json_records(path):
         if not (isinstance(record, dict) and "chosen" in record and "rejected" in record):
             raise DataError(f"{path}:{line_no}: expected a preference pair (prompt, chosen, "
                             "rejected) like the lines before it")
