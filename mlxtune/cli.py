@@ -257,12 +257,15 @@ def serve(
                                   "together."),
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests that may wait beyond "
                                   "the running batch; more get 429 with Retry-After."),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", min=0.001,
+                                          help="Seconds a request may take, waiting included; "
+                                          "then it stops and gets 408."),
 ) -> None:
     """Serve a base model and its adapters with an OpenAI-compatible HTTP API."""
     from mlxtune.serve import serve as run_server
 
     run_server(model, adapters, run, fuse_run, host, port, api_key, max_loras, max_lora_rank,
-               max_batch, max_queue)
+               max_batch, max_queue, request_timeout=request_timeout)
 
 
 @app.command()

@@ -341,8 +341,9 @@ def test_overload_gets_429_with_retry_after_and_the_rest_are_answered(runs, tiny
         held.result(timeout=60)
         refused = [r for r in replies if isinstance(r, openai.APIStatusError)]
         assert len(refused) == 48 and {r.status_code for r in refused} == {429}
-        for r in refused:
+        for r in refused:  # no 5xx: every refusal a 429 in OpenAI's shape, saying when to retry
             assert r.response.headers["retry-after"] == "1" and r.code == "server_busy"
+            assert set(r.body) == {"message", "type", "param", "code"}
         for i, r in enumerate(replies):
             if not isinstance(r, openai.APIStatusError):
                 want = ANSWERS[["json-bot", "fox-bot"][i % 2]]

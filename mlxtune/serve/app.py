@@ -3,9 +3,11 @@
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: malformed JSON, bad
 parameters and fields this server does not honour 400 (named, never ignored: requests.py), a
 missing or wrong bearer key 401, an unknown model 404, a body over 4 MB 413, and past --max-batch +
---max-queue requests in progress 429 with Retry-After. `max_tokens` is clipped
+--max-queue requests in progress 429 with Retry-After, and one still unfinished after
+--request-timeout seconds 408. `max_tokens` is clipped
 to what fits in the context after the prompt (finish_reason "length" says so); a prompt that
-leaves no room at all is refused with 400 (code "context_length_exceeded").
+leaves no room at all is refused with 400 (code "context_length_exceeded"). The OpenAPI document
+at /openapi.json describes every body and answer (api_schema.py).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mlxtune.serve.api_schema import describe_api
 from mlxtune.serve.generation import Generator, Job
 from mlxtune.serve.registry import AdapterError, AdapterRegistry
-from mlxtune.serve.requests import (CHAT_FIELDS, COMPLETION_FIELDS, MAX_BODY_BYTES, APIError,
+from mlxtune.serve.requests import (CHAT_FIELDS, COMPLETION_FIELDS, DEFAULT_REQUEST_TIMEOUT,
+                                    MAX_BODY_BYTES, APIError, adapter_fields, chat_messages,
                                     check_body_size, check_fields, completion_prompts, make_job,
-                                    parse_body)
+                                    next_event, parse_body, stream_settings)
 
 def _error(status: int, message: str, type_="invalid_request_error", param=None, code=None,
            headers=None):
@@ -33,10 +37,11 @@ def _error(status: int, message: str, type_="invalid_request_error", param=None,
 
 
 def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64) -> FastAPI:
+               max_queue: int = 64, request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> FastAPI:
     """The FastAPI app serving `registry`'s base model and adapters (one generation worker);
-    past `max_batch` + `max_queue` requests in progress, new ones get 429 with Retry-After."""
-    app = FastAPI(title="mlxtune serve", docs_url=None, redoc_url=None, openapi_url=None)
+    past `max_batch` + `max_queue` requests in progress, new ones get 429 with Retry-After;
+    a request still running after `request_timeout` seconds is stopped with a 408."""
+    app = FastAPI(title="mlxtune serve", docs_url=None, redoc_url=None)
     generator = Generator(registry, max_batch=max_batch)
     app.state.registry, app.state.generator = registry, generator
     app.router.on_shutdown.append(generator.stop)
@@ -48,10 +53,15 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
     async def api_error(request: Request, e: APIError):
         return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception):
+        # A bug still answers in OpenAI's shape (Starlette logs its traceback after this).
+        return _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error(e.status_code, str(e.detail), kind)
+        return _error(e.status_code, str(e.detail), kind, headers=e.headers)  # 405's Allow
 
     busy = {"requests": 0}  # requests admitted and not yet answered (the event loop's own)
 
@@ -85,8 +95,6 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
         return {"object": "list", "data": registry.describe()}
 
     async def load_adapter(name, path):
-        if not isinstance(name, str) or not isinstance(path, str):
-            raise APIError(400, "send {\"name\": NAME, \"path\": ADAPTER_FOLDER}", param="name")
         try:
             # Loading evaluates MLX arrays: do it on the model's own thread, between steps.
             await asyncio.wrap_future(generator.call(registry.add, name, path))
@@ -103,8 +111,7 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
 
     @app.post("/v1/adapters")
     async def post_adapter(request: Request):
-        body = await _json(request)
-        return await load_adapter(body.get("name"), body.get("path"))
+        return await load_adapter(*adapter_fields(await _json(request), "load"))
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str):
@@ -113,23 +120,17 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
     # vLLM's names for the same two operations.
     @app.post("/v1/load_lora_adapter")
     async def vllm_load(request: Request):
-        body = await _json(request)
-        return await load_adapter(body.get("lora_name"), body.get("lora_path"))
+        return await load_adapter(*adapter_fields(await _json(request), "vllm_load"))
 
     @app.post("/v1/unload_lora_adapter")
     async def vllm_unload(request: Request):
-        body = await _json(request)
-        return await unload_adapter(body.get("lora_name"))
+        return await unload_adapter(*adapter_fields(await _json(request), "vllm_unload"))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _json(request)
         check_fields(body, CHAT_FIELDS)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or \
-                not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise APIError(400, "'messages' must be a non-empty list of {role, content} objects",
-                           param="messages")
+        messages = chat_messages(body.get("messages"))
         return await complete(request, body, [_chat_prompt(registry.tokenizer, messages)], True)
 
     @app.post("/v1/completions")
@@ -138,29 +139,31 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
         check_fields(body, COMPLETION_FIELDS)
         prompts = completion_prompts(body.get("prompt"),
                                      lambda text: _encode(registry.tokenizer, text))
-        if body.get("stream") and len(prompts) > 1:
+        if stream_settings(body)[0] and len(prompts) > 1:
             raise APIError(400, "streaming takes one prompt; send the others as their own "
                            "requests", param="prompt")
         return await complete(request, body, prompts, False)
 
     async def complete(request: Request, body: dict, prompts: list[list[int]], chat: bool):
+        stream, include_usage = stream_settings(body)
         jobs = [make_job(registry, body, p) for p in prompts]
         admit(len(jobs))
         reply = Reply(chat, jobs[0].model)
         queues = [_submit(generator, job) for job in jobs]
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        deadline = (time.monotonic() + request_timeout, request_timeout)  # queueing counts too
+        if stream:
             return StreamingResponse(reply.stream(jobs[0], queues[0], include_usage,
-                                                  lambda: release(1)),
+                                                  lambda: release(1), deadline),
                                      media_type="text/event-stream")
         try:
-            results = [await _result(request, job, q) for job, q in zip(jobs, queues)]
+            results = [await _result(request, job, q, deadline) for job, q in zip(jobs, queues)]
         finally:
             for job in jobs:
                 job.cancelled = True  # finished ones are gone already; the rest stop now
             release(len(jobs))
         return reply.whole(jobs, results)
 
+    describe_api(app, registry, api_key is not None)
     return app
 
 
@@ -210,13 +213,14 @@ def _submit(generator: Generator, job: Job) -> asyncio.Queue:
     return events
 
 
-async def _result(request: Request, job: Job, events: asyncio.Queue) -> tuple[str, str, int]:
-    """(text, finish reason, tokens) of a job; stops it if the client goes away meanwhile."""
+async def _result(request: Request, job: Job, events: asyncio.Queue,
+                  deadline: tuple[float, float]) -> tuple[str, str, int]:
+    """(text, finish reason, tokens) of a job; stops it if the client goes away meanwhile (the
+    caller cancels it past the deadline: the 408 comes from next_event)."""
     text = ""
     while True:
-        try:
-            event = await asyncio.wait_for(events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
+        event = await next_event(events, *deadline, poll=0.5)
+        if event is None:
             if await request.is_disconnected():
                 job.cancelled = True  # frees its batch row at the next step
                 raise APIError(499, "the client closed the request", code="client_closed") \
@@ -258,14 +262,20 @@ class Reply:
                             usage={"prompt_tokens": prompt, "completion_tokens": done,
                                    "total_tokens": prompt + done})
 
-    async def stream(self, job: Job, events: asyncio.Queue, include_usage: bool, release):
+    async def stream(self, job: Job, events: asyncio.Queue, include_usage: bool, release,
+                     deadline: tuple[float, float]):
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         try:
             while True:
-                event = await events.get()
+                try:
+                    event = await next_event(events, *deadline)
+                except APIError as e:  # past --request-timeout: say so, then end the stream
+                    event = ("error", e)
                 if event[0] == "error":
-                    err = {"message": str(event[1]), "type": "server_error", "param": None,
-                           "code": None}
+                    e = event[1]
+                    why, code = (e.type, e.code) if isinstance(e, APIError) else ("server_error",
+                                                                                  None)
+                    err = {"message": str(e), "type": why, "param": None, "code": code}
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     break
                 text, finish = (event[1], None) if event[0] == "text" else (None, event[1])

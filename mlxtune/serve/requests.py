@@ -1,30 +1,44 @@
 """What a request may ask for, checked before it reaches the model: every field either works as
 the OpenAI API defines it or is refused with a 400 that names it (never silently ignored), bodies
 are bounded in size and nesting before they are parsed, and prompts come in every shape the API
-allows (a string, a list of strings, token ids, lists of token ids)."""
+allows (a string, a list of strings, token ids, lists of token ids). The OpenAPI document
+(api_schema.py) is built from the same tables, so what it says and what is checked cannot drift.
+A request also has a deadline (--request-timeout): past it, 408."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
+import time
 
 from mlxtune.serve.generation import Job
 from mlxtune.serve.registry import AdapterRegistry
 
 DEFAULT_MAX_TOKENS = 512
+DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds; the openai client's own default, so we never outwait it
 MAX_BODY_BYTES = 4 << 20  # a long prompt is well under this; beyond it, 413 before parsing
 
-# Fields that change nothing here whatever their value (identifiers, bookkeeping).
-_PASSIVE = {"user", "metadata", "store", "service_tier"}
+# Fields that change nothing here (identifiers, bookkeeping), with the JSON type each must have.
+PASSIVE = {"user": (str,), "metadata": (dict,), "store": (bool,), "service_tier": (str,)}
+_PASSIVE = set(PASSIVE)
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "n", "seed", "stream",
            "stream_options"} | _PASSIVE
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = _COMMON | {"prompt"}
 # Fields clients often send at their neutral value: accepted at that value, refused otherwise.
-_NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False, None),
+NEUTRAL = _NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False, None),
             "top_logprobs": (None, 0), "logit_bias": ({},), "echo": (False,), "best_of": (1,),
             "suffix": (None, ""), "response_format": ({"type": "text"},),
             "parallel_tool_calls": (True, False), "tool_choice": ("none",), "tools": ([],),
             "n": (1, None)}
+# Numeric fields: (lowest, highest, int or float); null means the default.
+LIMITS = {"max_tokens": (1, 10**9, int), "max_completion_tokens": (1, 10**9, int),
+          "temperature": (0.0, 2.0, float), "top_p": (0.0, 1.0, float), "seed": (0, 2**63 - 1, int)}
+MAX_STOP = 4
+# The adapter endpoints' bodies: ours and vLLM's names for the same (name, path).
+ADAPTER_FIELDS = {"load": ("name", "path"), "vllm_load": ("lora_name", "lora_path"),
+                  "vllm_unload": ("lora_name",)}
 
 
 class APIError(Exception):
@@ -50,7 +64,7 @@ def parse_body(raw: bytes) -> dict:
     """The JSON object of a request body, or a 400/413 APIError saying why not."""
     check_body_size(len(raw))
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") \
             from None
@@ -60,6 +74,11 @@ def parse_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     return body
+
+
+def _not_json(name: str):
+    # Python's parser takes NaN and Infinity; JSON has neither, and no field here means them.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def check_fields(body: dict, allowed: set[str]) -> None:
@@ -74,6 +93,67 @@ def check_fields(body: dict, allowed: set[str]) -> None:
             ("tool", "function")) else "is not a field of this endpoint"
         raise APIError(400, f"'{key}' {what} (got {json.dumps(value)[:60]}); remove it",
                        param=key, code="unsupported_parameter")
+    for key, types in PASSIVE.items():
+        value = body.get(key)
+        if value is not None and not isinstance(value, types):
+            raise APIError(400, f"'{key}' must be a {_JSON_TYPE[types[0]]} or null", param=key)
+
+
+_JSON_TYPE = {str: "string", dict: "JSON object", bool: "boolean"}
+
+
+def adapter_fields(body: dict, kind: str) -> list[str]:
+    """The string fields of an adapter request (ADAPTER_FIELDS[kind]), each checked; any other
+    field is refused by name, as on the completion endpoints."""
+    names = ADAPTER_FIELDS[kind]
+    for key in body:
+        if key not in names:
+            raise APIError(400, f"'{key}' is not a field of this endpoint; send "
+                           f"{', '.join(names)}", param=key, code="unsupported_parameter")
+    for key in names:
+        if not isinstance(body.get(key), str) or not body[key]:
+            raise APIError(400, f"'{key}' must be a non-empty string; send "
+                           + json.dumps({n: n.rsplit("_", 1)[-1].upper() for n in names}),
+                           param=key)
+    return [body[key] for key in names]
+
+
+def chat_messages(messages: object) -> list[dict]:
+    """`messages` checked: a non-empty list of {role, content} objects, each role a string and
+    each content a string, null or a list of text parts (other parts would be dropped unseen)."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects",
+                       param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a string 'role'",
+                           param=f"messages[{i}].role")
+        content = m.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content):
+            raise APIError(400, f"messages[{i}].content must be a string, null or a list of "
+                           "{\"type\": \"text\", \"text\": ...} parts (this model reads text "
+                           "only)", param=f"messages[{i}].content")
+    return messages
+
+
+def stream_settings(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage) of a request, each a boolean or absent."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(400, f"'stream' must be true or false; got {json.dumps(stream)[:40]}",
+                       param="stream")
+    if options is None:
+        return bool(stream), False
+    usage = options.get("include_usage") if isinstance(options, dict) else None
+    if not isinstance(options, dict) or set(options) - {"include_usage"} or \
+            not isinstance(usage, (bool, type(None))):
+        raise APIError(400, "'stream_options' must be {\"include_usage\": true or false}",
+                       param="stream_options")
+    return bool(stream), bool(usage)
 
 
 def completion_prompts(prompt: object, encode) -> list[list[int]]:
@@ -97,13 +177,18 @@ def completion_prompts(prompt: object, encode) -> list[list[int]]:
     return many
 
 
-def number(body: dict, key: str, default, lo, hi, kind=float):
-    """body[key] (or `default`) checked to be a number in [lo, hi]."""
+def number(body: dict, key: str, default, lo=None, hi=None, kind=None):
+    """body[key] (or `default`) checked to be a number in [lo, hi] (LIMITS[key] by default)."""
+    if lo is None:
+        lo, hi, kind = LIMITS[key]
+    kind = kind or float
     value = body.get(key, default)
     if value is None:
         value = default
+    # Finite first: int() of an inf (1e400 parses to one) or NaN raises.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (kind is int and value != int(value)) or not lo <= value <= hi:
+            not math.isfinite(value) or (kind is int and value != int(value)) or \
+            not lo <= value <= hi:
         raise APIError(400, f"'{key}' must be a{'n integer' if kind is int else ' number'} "
                        f"from {lo} to {hi}; got {value!r}", param=key)
     return kind(value)
@@ -117,25 +202,55 @@ def make_job(registry: AdapterRegistry, body: dict, prompt: list[int]) -> Job:
         raise APIError(404, f"the model {model!r} does not exist; serving: {', '.join(names)}",
                        "not_found_error", "model", "model_not_found")
     context = registry.context_length
+    param = "messages" if "messages" in body else "prompt"
+    if not prompt:  # the generator has nothing to start from; it would never answer
+        raise APIError(400, "the prompt is empty (0 tokens); send at least one token",
+                       param=param)
     if len(prompt) >= context:
         raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is "
                        f"{context} tokens, so at most {context - 1} fit with room to answer",
-                       param="messages", code="context_length_exceeded")
+                       param=param, code="context_length_exceeded")
     vocab = registry.config.get("vocab_size")
     if isinstance(vocab, int) and max(prompt, default=0) >= vocab:
         raise APIError(400, f"token id {max(prompt)} is outside this model's vocabulary of "
                        f"{vocab}", param="prompt")
-    requested = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = number({"max_tokens": requested}, "max_tokens", DEFAULT_MAX_TOKENS, 1, 10**9, int)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
+    # Both are checked; the newer name wins when both are sent.
+    limits = [number(body, k, None) for k in ("max_completion_tokens", "max_tokens")
+              if body.get(k) is not None]
+    max_tokens = limits[0] if limits else DEFAULT_MAX_TOKENS
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or \
+            len(stop) > MAX_STOP:
+        raise APIError(400, f"'stop' must be a string or a list of up to {MAX_STOP} strings",
+                       param="stop")
     seed = body.get("seed")
     if seed is not None:
-        seed = number(body, "seed", 0, 0, 2**63 - 1, int)
+        seed = number(body, "seed", 0)
     return Job(model=model, prompt=prompt,
                # Clipped, not refused, to the room left in the context (finish_reason "length").
                max_tokens=min(max_tokens, context - len(prompt)),
-               temperature=number(body, "temperature", 1.0, 0.0, 2.0),
-               top_p=number(body, "top_p", 1.0, 0.0, 1.0), seed=seed, stop=stop)
+               temperature=number(body, "temperature", 1.0),
+               top_p=number(body, "top_p", 1.0), seed=seed, stop=stop)
+
+
+def timeout_error(seconds: float) -> APIError:
+    """The 408 of a request that ran past --request-timeout."""
+    return APIError(408, f"the request did not finish within --request-timeout {seconds:g} s; "
+                    "ask for fewer tokens or retry when the server is less busy", "timeout_error",
+                    code="request_timeout")
+
+
+async def next_event(events: asyncio.Queue, deadline: float, timeout: float,
+                     poll: float | None = None):
+    """A job's next event, or None when `poll` seconds pass without one; past `deadline`
+    (time.monotonic()) the 408 of `timeout` seconds instead."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise timeout_error(timeout)
+    try:
+        return await asyncio.wait_for(events.get(), min(left, poll or left))
+    except asyncio.TimeoutError:
+        if time.monotonic() >= deadline:
+            raise timeout_error(timeout) from None
+        return None
