@@ -16,7 +16,6 @@ from mlxtune.serve.requests import (ADAPTER_FIELDS, CHAT_FIELDS, COMPLETION_FIEL
                                     MAX_STOP, NEUTRAL, PASSIVE)
 
 _JSON_TYPES = {str: "string", dict: "object", bool: "boolean", int: "integer", float: "number"}
-_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _MESSAGE = {"type": "object", "required": ["role"], "properties": {
@@ -29,11 +28,6 @@ _MESSAGE = {"type": "object", "required": ["role"], "properties": {
 _FIELDS = {
     "model": {"type": "string", "description": "the base model or an adapter (GET /v1/models)"},
     "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
-    "prompt": {"description": "a string, a list of strings, token ids or lists of token ids "
-                              "(one choice each); a single prompt when streaming",
-               "anyOf": [{"type": "string"}, _TOKEN_IDS,
-                         {"type": "array", "minItems": 1,
-                          "items": {"anyOf": [{"type": "string"}, _TOKEN_IDS]}}]},
     "stop": {"anyOf": [{"type": "null"}, {"type": "string"},
                        {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string"}}]},
     "stream": {"type": ["boolean", "null"]},
@@ -44,6 +38,16 @@ _FIELDS = {
 _NOTES = {"max_tokens": "clipped to the room the prompt leaves in the context",
           "max_completion_tokens": "the newer name of max_tokens; wins when both are sent",
           "seed": "a seeded request runs alone, so the seed reproduces its answer"}
+
+
+def _prompt(vocab: int | None) -> dict:
+    ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+    if vocab:
+        ids["items"]["maximum"] = vocab - 1
+    return {"description": "a string, a list of strings, token ids or lists of token ids (one "
+                           "choice each); a single prompt when streaming",
+            "anyOf": [{"type": "string"}, ids, {"type": "array", "minItems": 1, "items": {
+                "anyOf": [{"type": "string"}, ids]}}]}
 
 
 def _limit(key: str) -> dict:
@@ -60,8 +64,11 @@ def _neutral(values: tuple) -> dict:
             "description": "not supported: accepted only at this neutral value"}
 
 
-def field_schema(key: str) -> dict | None:
-    """The JSON schema of body field `key` of a completion request, None if undocumented."""
+def field_schema(key: str, vocab: int | None = None) -> dict | None:
+    """The JSON schema of body field `key` of a completion request (token ids below `vocab`),
+    None if undocumented."""
+    if key == "prompt":
+        return _prompt(vocab)
     if key in _FIELDS:
         return _FIELDS[key]
     if key in LIMITS:
@@ -78,8 +85,8 @@ def undocumented_fields() -> set[str]:
     return {k for k in CHAT_FIELDS | COMPLETION_FIELDS | set(NEUTRAL) if field_schema(k) is None}
 
 
-def _request(fields: set[str], required: list[str], names: list[str]) -> dict:
-    properties = {k: field_schema(k) or {} for k in sorted(fields | set(NEUTRAL))}
+def _request(fields: set[str], required: list[str], names: list[str], vocab) -> dict:
+    properties = {k: field_schema(k, vocab) or {} for k in sorted(fields | set(NEUTRAL))}
     properties["model"] = {**_FIELDS["model"], "enum": names}  # served now; others get 404
     return {"type": "object", "required": required, "properties": properties,
             "additionalProperties": False}
@@ -158,16 +165,17 @@ def _answers(ok: dict, errors: list[int], stream: bool = False) -> dict:
     return answers
 
 
-def build_document(routes, names: list[str], secured: bool) -> dict:
-    """FastAPI's document for `routes`, with each operation's body and answers described."""
+def build_document(routes, names: list[str], secured: bool, vocab: int | None = None) -> dict:
+    """FastAPI's document for `routes`, with each operation's body and answers described
+    (`names`: the models served, `vocab`: the model's vocabulary size, if known)."""
     doc = get_openapi(title="mlxtune serve", version=__version__, routes=routes,
                       description="An OpenAI-compatible API: one base model, many LoRA adapters.")
     auth = [401] if secured else []
     generate = [400, *auth, 404, 408, 413, 429, 500]
-    bodies = {("/v1/chat/completions", "post"): (_request(CHAT_FIELDS, ["model", "messages"],
-                                                          names), _answers(_CHAT, generate, True)),
-              ("/v1/completions", "post"): (_request(COMPLETION_FIELDS, ["model", "prompt"], names),
-                                            _answers(_TEXT, generate, True)),
+    chat = _request(CHAT_FIELDS, ["model", "messages"], names, vocab)
+    text = _request(COMPLETION_FIELDS, ["model", "prompt"], names, vocab)
+    bodies = {("/v1/chat/completions", "post"): (chat, _answers(_CHAT, generate, True)),
+              ("/v1/completions", "post"): (text, _answers(_TEXT, generate, True)),
               ("/v1/adapters", "post"): (_adapter_request("load"),
                                          _answers(_ADAPTER, [400, *auth, 413])),
               ("/v1/load_lora_adapter", "post"): (_adapter_request("vllm_load"),
@@ -195,4 +203,6 @@ def build_document(routes, names: list[str], secured: bool) -> dict:
 
 def describe_api(app, registry, secured: bool) -> None:
     """Serve build_document at app's /openapi.json, naming the models served at that moment."""
-    app.openapi = lambda: build_document(app.routes, registry.names(), secured)
+    vocab = registry.config.get("vocab_size")
+    app.openapi = lambda: build_document(app.routes, registry.names(), secured,
+                                         vocab if isinstance(vocab, int) else None)
