@@ -22,16 +22,18 @@ MAX_BODY_BYTES = 4 << 20  # a long prompt is well under this; beyond it, 413 bef
 # Fields that change nothing here (identifiers, bookkeeping), with the JSON type each must have.
 PASSIVE = {"user": (str,), "metadata": (dict,), "store": (bool,), "service_tier": (str,)}
 _PASSIVE = set(PASSIVE)
+_JSON_TYPE = {str: "string", dict: "JSON object", bool: "boolean"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "n", "seed", "stream",
            "stream_options"} | _PASSIVE
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = _COMMON | {"prompt"}
 # Fields clients often send at their neutral value: accepted at that value, refused otherwise.
-NEUTRAL = _NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False, None),
+_NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False, None),
             "top_logprobs": (None, 0), "logit_bias": ({},), "echo": (False,), "best_of": (1,),
             "suffix": (None, ""), "response_format": ({"type": "text"},),
             "parallel_tool_calls": (True, False), "tool_choice": ("none",), "tools": ([],),
             "n": (1, None)}
+NEUTRAL = _NEUTRAL  # the public name, for api_schema.py
 # Numeric fields: (lowest, highest, int or float); null means the default.
 LIMITS = {"max_tokens": (1, 10**9, int), "max_completion_tokens": (1, 10**9, int),
           "temperature": (0.0, 2.0, float), "top_p": (0.0, 1.0, float), "seed": (0, 2**63 - 1, int)}
@@ -97,9 +99,6 @@ def check_fields(body: dict, allowed: set[str]) -> None:
         value = body.get(key)
         if value is not None and not isinstance(value, types):
             raise APIError(400, f"'{key}' must be a {_JSON_TYPE[types[0]]} or null", param=key)
-
-
-_JSON_TYPE = {str: "string", dict: "JSON object", bool: "boolean"}
 
 
 def adapter_fields(body: dict, kind: str) -> list[str]:
