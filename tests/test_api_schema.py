@@ -25,7 +25,8 @@ ROUTES = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST"
           ("GET", "/health")}
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_headers_conformance", "response_schema_conformance",
-          "negative_data_rejection", "openai_error_shape"]
+          "negative_data_rejection", "unsupported_method", "allow_header_conformance",
+          "ignored_auth", "missing_required_header", "openai_error_shape"]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,10 @@ def test_method_not_allowed_keeps_its_allow_header(server):
                             headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 405 and response.headers["allow"] == "GET"
     assert set(response.json()["error"]) == _ERROR_FIELDS
+    # /v1/adapters is two routes (GET lists, POST loads): Allow names both.
+    response = requests.put(server.base + "/v1/adapters", timeout=30,
+                            headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
 
 
 def test_prompt_and_max_tokens_are_capped_by_the_context(server):

@@ -61,7 +61,10 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error(e.status_code, str(e.detail), kind, headers=e.headers)  # 405's Allow
+        headers = e.headers
+        if e.status_code == 405:  # Starlette's Allow names one route's methods, not the path's
+            headers = {**(headers or {}), "Allow": _allowed(app, request.scope)}
+        return _error(e.status_code, str(e.detail), kind, headers=headers)
 
     busy = {"requests": 0}  # requests admitted and not yet answered (the event loop's own)
 
@@ -165,6 +168,15 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
 
     describe_api(app, registry, api_key is not None)
     return app
+
+
+def _allowed(app: FastAPI, scope) -> str:
+    """Every method some route serves at this request's path (its 405's Allow header)."""
+    from starlette.routing import Match
+
+    return ", ".join(sorted({m for route in app.router.routes
+                             if route.matches(scope)[0] != Match.NONE
+                             for m in getattr(route, "methods", None) or ()}))
 
 
 def _as_api_error(e: Exception) -> APIError:
