@@ -254,9 +254,9 @@ def config_to_dict(obj: Any) -> dict:
 
 def save_config(obj: Any, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(obj), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    from mlxtune.atomic import write_text
+
+    write_text(path, yaml.safe_dump(config_to_dict(obj), sort_keys=False))
 
 
 def describe_schema(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:

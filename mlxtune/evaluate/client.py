@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxtune.errors import MlxtuneError, ModelError
+from mlxtune.errors import MlxtuneError
 from mlxtune.evaluate.examples import Example
 
 
@@ -142,27 +142,21 @@ class LocalBackend:
 
         self.model_dir = resolve_model(self.name)
         if self.adapter is not None:
-            for name in ("adapters.safetensors", "adapter_config.json"):
-                if not (Path(self.adapter) / name).is_file():
-                    raise ModelError(f"{self.adapter}: not an adapter folder (no {name}); pass "
-                                     "a run folder from mlxtune train")
+            from mlxtune.models.adapters import read_adapter_config
+
+            read_adapter_config(Path(self.adapter))
 
     def load(self) -> None:
         """Load weights and adapter once, set up for this backend's fast path, in eval mode."""
         if self.model is not None:
             return
-        from mlx_lm.tuner.utils import load_adapters
-        from mlx_lm.utils import load_model, load_tokenizer
-
         from mlxtune.fastpath import prepare_for_inference
+        from mlxtune.models.adapters import load_adapter
+        from mlxtune.models.folder import load_model_folder
 
-        try:
-            model, _ = load_model(self.model_dir)
-            tokenizer = load_tokenizer(self.model_dir)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise ModelError(f"{self.model_dir}: cannot load the model: {e}") from None
+        model, _, tokenizer = load_model_folder(self.model_dir)
         if self.adapter is not None:
-            load_adapters(model, str(self.adapter))
+            load_adapter(model, Path(self.adapter))
         # On the CPU backend fp16 and MLX's quantized matmuls are very slow: compute in fp32,
         # decoding from the packed weights, prefill and perplexity de-quantized per layer.
         prepare_for_inference(model)

@@ -72,7 +72,8 @@ def read_pairs(path: Path, limit: int | None) -> list[dict]:
 def score_pairs(backend: LocalBackend, records: list[dict]) -> list[dict]:
     """Per pair: both answers' summed log-probabilities under the backend's model, the margin,
     and 1 / 0.5 / 0 when chosen is more / equally / less likely."""
-    from mlxtune.train.preference import pair_logps, tokenize_pair
+    from mlxtune.train.data import tokenize_pair
+    from mlxtune.train.preference import pair_logps
 
     backend.load()
     pairs = [tokenize_pair(backend.tokenizer, r, 4096) for r in records]
@@ -121,10 +122,10 @@ def run_preference_eval(path: Path, out: Path, model: str, *, url: str | None = 
         for s in SCORES:
             summary.comparison[s] = paired_bootstrap([by_role["model"][i][s] for i in both],
                                                      [by_role["compare"][i][s] for i in both])
-    from mlxtune.evaluate.run import atomic_write
+    from mlxtune.atomic import write_text
 
-    atomic_write(out / "results.jsonl", "".join(json.dumps({"role": role, **r}) + "\n"
+    write_text(out / "results.jsonl", "".join(json.dumps({"role": role, **r}) + "\n"
                                                for role, rows in by_role.items()
                                                for r in rows.values()))
-    atomic_write(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
     return summary

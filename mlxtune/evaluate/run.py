@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mlxtune.atomic import write_text
 from mlxtune.errors import Interrupted, MlxtuneError
 from mlxtune.evaluate import metrics as M
 from mlxtune.evaluate.client import LocalBackend, ServerBackend
@@ -75,13 +76,6 @@ def _read_results(path: Path) -> list[dict]:
     return rows
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write `path` so readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _prior_results(results: Path, resume: bool, backends: dict) -> list[dict]:
     rows = _read_results(results)
     if rows and not resume:
@@ -93,7 +87,7 @@ def _prior_results(results: Path, resume: bool, backends: dict) -> list[dict]:
             raise MlxtuneError(f"{results} holds answers of {row.get('model')!r} as "
                                f"{row.get('role')}, not this eval's models; use another --out")
     # Rewrite without any torn last line so appended rows start on a line of their own.
-    atomic_write(results, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(results, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -223,8 +217,8 @@ def run_eval(data: Path, out: Path, model: str, *, url: str | None = None,
                   if isinstance(b, LocalBackend)}
     rows = [r for r in rows if r["id"] in wanted]
     summary = summarize(rows, backends, scores, data_path, out, len(examples), perplexity)
-    atomic_write(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
     from mlxtune.evaluate.report import render_report
 
-    atomic_write(out / "report.html", render_report(summary, rows))
+    write_text(out / "report.html", render_report(summary, rows))
     return summary

@@ -9,15 +9,14 @@ the spool into exact-size splits by a seeded content hash (mlxtune/prepare/split
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mlxtune.atomic import atomic_folder
 from mlxtune.errors import ConfigError, DataError, ModelError
-from mlxtune.models.folder import atomic_folder
 from mlxtune.prepare.fingerprints import FingerprintSet
 from mlxtune.prepare.pairs import detect_pairs, to_pair, with_system
 from mlxtune.prepare.readers import Malformed, Source
@@ -92,13 +91,8 @@ def prepare_dataset(inputs: list, out: Path, options: PrepareOptions | None = No
     kind = _common_kind(sources, shapes, options)
     count = _token_counter(options.model, kind) if options.model else None
     report = Report(out=out, format=kind, options=asdict(options))
-    tmp, commit = atomic_folder(out)
-    try:
+    with atomic_folder(out) as tmp:
         _stream(sources, shapes, kind, count, options, tmp, report)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

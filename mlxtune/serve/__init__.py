@@ -27,13 +27,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def run_folder_model(run: Path) -> tuple[str, str]:
     """(run name, base model name) recorded in run folder `run`."""
-    from mlxtune.serve.registry import read_adapter_config
+    from mlxtune.models.adapters import base_model, read_adapter_config
 
-    config = read_adapter_config(run)
-    if not config.get("model"):
-        raise MlxtuneError(f"{run}/adapter_config.json does not record its base model; "
-                           "pass --model")
-    return Path(run).resolve().name, str(config["model"])
+    return Path(run).resolve().name, base_model(run, read_adapter_config(run))
 
 
 def build_registry(model: str | None = None, adapters: list[str] = (), run: Path | None = None,

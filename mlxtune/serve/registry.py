@@ -9,7 +9,6 @@ microseconds, and the base model ("no adapter") runs at the plain model's speed.
 from __future__ import annotations
 
 import gc
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,14 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxtune.errors import MlxtuneError, ModelError
+from mlxtune.errors import AdapterError, MlxtuneError
 from mlxtune.fastpath import prepare_for_inference
+from mlxtune.models.adapters import read_adapter_config
 
 _LINEAR = (nn.Linear, nn.QuantizedLinear)
-
-
-class AdapterError(MlxtuneError):
-    """An adapter that cannot be served: missing, wrong shape, rank too high, unknown name."""
 
 
 def compute_dtype(model: nn.Module):
@@ -76,27 +72,13 @@ class Adapter:
     info: dict = field(default_factory=dict)
 
 
-def read_adapter_config(path: Path) -> dict:
-    """adapter_config.json of the adapter folder `path`, with a clear error if it is not one."""
-    path = Path(path)
-    for name in ("adapters.safetensors", "adapter_config.json"):
-        if not (path / name).is_file():
-            raise AdapterError(f"{path}: not an adapter folder (no {name}); pass a run folder "
-                               "from mlxtune train")
-    try:
-        return json.loads((path / "adapter_config.json").read_text())
-    except ValueError as e:
-        raise AdapterError(f"{path / 'adapter_config.json'}: not valid JSON ({e})") from None
-
-
 class AdapterRegistry:
     """The base model, its tokenizer and the adapters served on it, at most `max_loras` resident."""
 
     def __init__(self, model_name: str, max_loras: int = 4, max_lora_rank: int = 64,
                  max_cpu_loras: int | None = None, served_name: str | None = None,
                  fuse_adapter: Path | None = None):
-        from mlx_lm.utils import load_model, load_tokenizer
-
+        from mlxtune.models.folder import load_model_folder
         from mlxtune.models.resolve import resolve_model
 
         if max_loras < 1 or max_lora_rank < 1:
@@ -105,11 +87,7 @@ class AdapterRegistry:
         self.name = served_name or model_name
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         self.max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
-        try:
-            self.model, self.config = load_model(self.model_dir)
-            self.tokenizer = load_tokenizer(self.model_dir)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise ModelError(f"{self.model_dir}: cannot load the model: {e}") from None
+        self.model, self.config, self.tokenizer = load_model_folder(self.model_dir)
         if fuse_adapter is not None:
             from mlxtune.fuse import fuse_in_memory
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -135,7 +138,7 @@ class TrainConfig:
         None, "Launch itself under mlx.launch across processes/hosts (data parallel).")
     max_memory_gb: Optional[float] = setting(
         None, "Cap MLX's memory (GB); default: the planned peak plus headroom.", min=0.1)
-    # mlx-lm keys accepted for compatibility.
+    # mlx-lm keys accepted for compatibility; IGNORED_KEYS below says which have no effect.
     train: bool = setting(True, "mlx-lm compatibility: mlxtune train always trains.")
     test: bool = setting(False, "Report the test-set loss at the end (needs test.jsonl).")
     test_batches: int = setting(500, "Test batches to evaluate; -1 for all.", min=-1)
@@ -169,9 +172,30 @@ class TrainConfig:
             yield "quantize", "full fine-tuning needs float weights; remove quantize or use lora"
 
 
+# mlx-lm keys accepted so its configs load, with what mlxtune does instead; setting one to
+# anything else draws a warning (load_train_config), since the value has no effect.
+IGNORED_KEYS = {"train": "mlxtune train always trains",
+                "trust_remote_code": "no model code is ever run",
+                "clear_cache_threshold": "mlxtune never clears MLX's cache mid-run"}
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """The training config from YAML `path` (or defaults) and `--set` overrides, fully checked."""
-    return load_config(TrainConfig, path, overrides)
+    config = load_config(TrainConfig, path, overrides)
+    ignored = tuple(k for k in IGNORED_KEYS
+                    if getattr(config, k) != TrainConfig.__dataclass_fields__[k].default)
+    if ignored:
+        _warn_ignored(str(path or "config"), ignored)
+    return config
+
+
+@functools.cache
+def _warn_ignored(where: str, keys: tuple[str, ...]) -> None:
+    # Cached: a distributed launch loads the config twice in one process; say it once. Ranks
+    # other than 0 say nothing, like the rest of a run's output.
+    if os.environ.get("MLX_RANK", "0") == "0":
+        print(f"warning: {where}: ignoring mlx-lm keys that have no effect here: "
+              + ", ".join(f"{k} ({IGNORED_KEYS[k]})" for k in keys), file=sys.stderr)
 
 
 def run_folder(config: TrainConfig, config_path: str | Path | None) -> Path:

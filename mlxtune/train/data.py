@@ -147,12 +147,55 @@ def tokenize_record(tokenizer, record: dict, mask_prompt: bool) -> Tokenized:
     return Tokenized(np.array(tokens, dtype=np.int32), np.ones(len(tokens), dtype=bool))
 
 
+@dataclass
+class Pair:
+    """One preference example: the chosen and the rejected answer, each after the same prompt."""
+
+    chosen: Tokenized
+    rejected: Tokenized
+
+
+def _messages(value, role: str) -> list[dict]:
+    # Our prepared files hold message lists (TRL's conversational form); plain strings, as
+    # mlx-lm-lora's DPO files have them, are one message of `role`.
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return list(value)
+
+
+def tokenize_answer(tokenizer, prompt: list[dict], answer: list[dict]) -> Tokenized:
+    """Token ids of prompt + answer with the loss mask on the answer (and its end token) only."""
+    if getattr(tokenizer, "chat_template", None):
+        start = len(render_chat(tokenizer, prompt, add_generation_prompt=True))
+        tokens = render_chat(tokenizer, prompt + answer)
+    else:
+        head = tokenizer.encode("\n".join(str(m.get("content", "")) for m in prompt))
+        tail = tokenizer.encode("".join(str(m.get("content", "")) for m in answer),
+                                add_special_tokens=False)
+        start, tokens = len(head), head + tail + [tokenizer.eos_token_id]
+    mask = np.zeros(len(tokens), dtype=bool)
+    mask[start:] = True
+    return Tokenized(np.array(tokens, dtype=np.int32), mask)
+
+
+def tokenize_pair(tokenizer, record: dict, max_seq_length: int) -> Pair | None:
+    """A record as a Pair truncated to `max_seq_length` + 1 tokens; None if a side has no
+    answer token left after truncation."""
+    prompt = _messages(record.get("prompt", []), "user")
+    sides = []
+    for key in ("chosen", "rejected"):
+        t = tokenize_answer(tokenizer, prompt, _messages(record[key], "assistant"))
+        t = Tokenized(t.tokens[: max_seq_length + 1], t.loss_mask[: max_seq_length + 1])
+        if not t.loss_mask[1:].any():
+            return None
+        sides.append(t)
+    return Pair(*sides)
+
+
 def load_split(path: Path, tokenizer, mask_prompt: bool, max_seq_length: int,
                mode: str = "sft") -> list:
     """Every example of one split file, tokenized and truncated to `max_seq_length` + 1 tokens:
     Tokenized examples for sft, preference Pairs for dpo/orpo."""
-    from mlxtune.train.preference import tokenize_pair
-
     examples = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):

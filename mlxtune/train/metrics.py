@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from mlxtune.atomic import write_file, write_text
 
 # Preference runs (training_mode dpo/orpo) add the reward statistics, for training and validation.
 REWARDS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
@@ -29,9 +30,7 @@ class MetricsLog:
             self.path.unlink()
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def add(self, **row) -> None:
         """Record one row; keys not measured at this step are left out."""
@@ -67,8 +66,6 @@ class MetricsLog:
         ax.legend()
         fig.tight_layout()
         out = self.path.with_name("loss.png")
-        tmp = out.with_name(f".loss.tmp-{os.getpid()}.png")
-        fig.savefig(tmp)
+        write_file(out, fig.savefig)
         plt.close(fig)
-        os.replace(tmp, out)
         return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlxtune.atomic import write_json
 from mlxtune.config import save_config
 from mlxtune.errors import Interrupted, MlxtuneError
 from mlxtune.train import checkpoint as ckpt
@@ -17,6 +18,7 @@ from mlxtune.train.config import TrainConfig
 from mlxtune.train.data import batches_per_epoch, eval_batches, iterate_batches, load_split
 from mlxtune.train.loop import evaluate_with_stats, masked_loss, token_count, train
 from mlxtune.train.metrics import MetricsLog
+from mlxtune.train.optimizer import build_optimizer
 
 
 def choose_loss(config: TrainConfig):
@@ -35,13 +37,11 @@ def choose_loss(config: TrainConfig):
 
 def load_for_training(model_dir: Path, config: TrainConfig):
     """The model (quantized at load if asked, set up for this backend's fast path) and tokenizer."""
-    from mlx_lm.utils import load_model, load_tokenizer, quantize_model
+    from mlx_lm.utils import quantize_model
 
-    try:
-        model, model_config = load_model(Path(model_dir))
-        tokenizer = load_tokenizer(Path(model_dir))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise MlxtuneError(f"{model_dir}: cannot load the model: {e}") from None
+    from mlxtune.models.folder import load_model_folder
+
+    model, model_config, tokenizer = load_model_folder(model_dir)
     if config.quantize is not None and "quantization" not in model_config:
         model, _ = quantize_model(model, model_config, config.quantize.group_size,
                                   config.quantize.bits)
@@ -138,8 +138,6 @@ class TrainingSession:
         per_epoch = batches_per_epoch(len(train_set), global_batch)
         total = (math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation_steps)
                  if cfg.epochs else cfg.iters)
-        from mlxtune.train.run import build_optimizer
-
         optimizer = build_optimizer(cfg, total)
         start = 0
         if resume:
@@ -152,7 +150,7 @@ class TrainingSession:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            ckpt.write_json(self.run_dir / "adapter_config.json", adapter_config)
+            write_json(self.run_dir / "adapter_config.json", adapter_config)
         self.adapter_config = adapter_config
         self.metrics = None
         if self.main:
@@ -256,7 +254,7 @@ class TrainingSession:
                 best = self.run_dir / "best"
                 best.mkdir(exist_ok=True)
                 ckpt.save_adapters(best / ckpt.ADAPTERS, self.model)
-                ckpt.write_json(best / "adapter_config.json", self.adapter_config)
+                write_json(best / "adapter_config.json", self.adapter_config)
         elif step > 0:
             self.bad_evals += 1
             if cfg.early_stopping and self.bad_evals >= cfg.early_stopping.patience:
