@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from mlxtune.evaluate import metrics as M
 from mlxtune.evaluate.client import LocalBackend, ServerBackend
 from mlxtune.evaluate.examples import read_examples
 from mlxtune.evaluate.stats import comparison_table, paired_bootstrap
+from mlxtune.progress import ProgressBar
 
 ROLES = ("model", "compare")
 
@@ -142,29 +142,6 @@ def summarize(rows: list[dict], backends: dict, scores: list[str], data: Path, o
     return summary
 
 
-class _Progress:
-    """A rich progress bar on a terminal; nothing otherwise (logs, pipes, tests)."""
-
-    def __init__(self, total: int):
-        self.bar = None
-        if sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                MofNCompleteColumn(), transient=True)
-            self.bar.start()
-
-    def task(self, label: str, total: int, done: int):
-        if self.bar is None:
-            return lambda: None
-        task = self.bar.add_task(label[-40:], total=total, completed=done)
-        return lambda: self.bar.advance(task)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def run_eval(data: Path, out: Path, model: str, *, url: str | None = None,
              adapter: Path | None = None, compare: str | None = None, metrics: str | None = None,
              limit: int | None = None, concurrency: int = 4, max_tokens: int = 256,
@@ -194,20 +171,20 @@ def run_eval(data: Path, out: Path, model: str, *, url: str | None = None,
     results = out / "results.jsonl"
     rows = _prior_results(results, resume, backends)
     wanted = {ex.id for ex in examples}
-    progress = _Progress(len(examples) * len(backends))
+    progress = ProgressBar("{task.description}", "bar", "count")
     try:
         with open(results, "a", encoding="utf-8") as f:
             # One model after the other: a server that swaps models per request reloads once.
             for role, backend in backends.items():
                 done = {r["id"] for r in rows if r["role"] == role}
                 todo = [ex for ex in examples if ex.id not in done]
-                advance = progress.task(backend.label, len(examples), len(examples) - len(todo))
+                task = progress.add(backend.label[-40:], len(examples), len(examples) - len(todo))
                 for example, answer in backend.answer_all(todo):
                     row = _row(role, backend.label, example, answer, names)
                     f.write(json.dumps(row) + "\n")
                     f.flush()
                     rows.append(row)
-                    advance()
+                    progress.advance(task)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted with {len(rows)} results saved in {results}; finish "
                           "with --resume") from None

@@ -25,6 +25,7 @@ from mlxtune.prepare.shapes import (FORMATS, Drop, Shape, as_chat, detect_shape,
                                     to_example)
 from mlxtune.prepare.splits import (SPLITS, assign_splits, digest_example, split_sizes,
                                     write_splits)
+from mlxtune.progress import ProgressBar
 
 OUTPUT_FILES = {f"{s}.jsonl" for s in SPLITS} | {"report.json"}
 # Inputs at least this large get a progress bar (on a terminal).
@@ -198,7 +199,11 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
     log = DropLog(report, folder / ".dropped.jsonl")
     spool = folder / ".kept.jsonl"
     kept = open(spool, "wb", buffering=1 << 20)
-    bar = _progress_bar(total, options.progress)
+    # A bar only for a big job on a terminal, unless --progress/--no-progress says otherwise.
+    enabled = options.progress
+    bar = ProgressBar("preparing", "bar", "bytes", "eta",
+                      enabled=total >= _LARGE and sys.stderr.isatty() if enabled is None else enabled)
+    task = bar.add("prepare", total)
     # Our examples are plain trees of dicts, lists and strings: no cycle check needed.
     encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
     try:
@@ -210,8 +215,8 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
             report.files.append(stats)
             for position, record in source.rows():
                 stats["rows"] += 1
-                if bar and stats["rows"] % _TICK == 0:
-                    bar.update(0, completed=done + source.tell())
+                if stats["rows"] % _TICK == 0:
+                    bar.update(task, completed=done + source.tell())
                 try:
                     if isinstance(record, Malformed):
                         raise Drop("malformed", record.why)
@@ -257,21 +262,4 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
     finally:
         kept.close()
         log.close()
-        if bar:
-            bar.stop()
-
-
-def _progress_bar(total: int, enabled: bool | None):
-    """A rich progress bar on stderr, started, or None when it is not wanted."""
-    if enabled is None:
-        enabled = total >= _LARGE and sys.stderr.isatty()
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-    bar = Progress("preparing", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True)
-    bar.add_task("prepare", total=total)
-    bar.start()
-    return bar
+        bar.close()

@@ -15,6 +15,7 @@ from mlxtune.cpu_math import logit_chunks, row_chunks
 from mlxtune.fastpath import fused_loss_model_type
 from mlxtune.models.folder import read_config, safetensors_shapes
 from mlxtune.train.config import TrainConfig
+from mlxtune.train.lora import adapted_blocks, all_linear, key_matches
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8}
 GB = 1024**3
@@ -84,20 +85,18 @@ class MemoryPlan:
 
 def _lora_params(config: dict, train: TrainConfig, shapes: dict) -> int:
     """Trainable parameter count for the adapters (or the blocks, for full fine-tuning)."""
-    layers = config["num_hidden_layers"]
-    n = layers if train.num_layers in (-1, 0) else min(train.num_layers, layers)
+    n = adapted_blocks(train.num_layers, config["num_hidden_layers"])
     block = {}  # relative path -> (in, out) of each linear layer in block 0
     for name, (shape, dtype) in shapes.items():
         prefix = "model.layers.0."
         if name.startswith(prefix) and name.endswith(".weight") and len(shape) == 2:
             rel = name[len(prefix): -len(".weight")]
-            in_dim = shape[1] * 32 // _bits(config, name) if dtype == "U32" else shape[1]
-            block[rel] = (in_dim, shape[0])
+            block[rel] = (_in_out(shape, dtype, config, name) // shape[0], shape[0])
     if train.fine_tune_type == "full":
         return n * sum(i * o for i, o in block.values())
     keys = train.lora_parameters.keys
-    if keys and keys not in (["all-linear"], ["all_linear"]):
-        block = {k: v for k, v in block.items() if k in keys or k.split(".")[-1] in keys}
+    if not all_linear(keys):
+        block = {k: v for k, v in block.items() if any(key_matches(k, key) for key in keys)}
     r = train.lora_parameters.rank
     per_block = sum(r * (i + o) + (o if train.fine_tune_type == "dora" else 0)
                     for i, o in block.values())
@@ -131,8 +130,7 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
     kv = config.get("num_key_value_heads", heads)
     hd = config.get("head_dim") or h // heads
     vocab = config["vocab_size"]
-    layers = config["num_hidden_layers"]
-    n = layers if train.num_layers in (-1, 0) else min(train.num_layers, layers)
+    n = adapted_blocks(train.num_layers, config["num_hidden_layers"])
     b, t = train.batch_size, train.max_seq_length
     if train.training_mode != "sft":
         b *= 2  # a preference batch is its chosen answers and its rejected ones, one row each
@@ -186,5 +184,6 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
 
 
 def _in_out(shape, dtype, config, name) -> int:
+    # Packed 4-bit (or other) weights are U32 words holding 32 / bits values each.
     cols = shape[1] * 32 // _bits(config, name) if dtype == "U32" else shape[1]
     return shape[0] * cols

@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlxtune.atomic import write_json
 from mlxtune.config import save_config
 from mlxtune.errors import Interrupted, MlxtuneError
+from mlxtune.progress import ProgressBar
 from mlxtune.train import checkpoint as ckpt
 from mlxtune.train.config import TrainConfig
 from mlxtune.train.data import batches_per_epoch, eval_batches, iterate_batches, load_split
@@ -57,39 +58,6 @@ def _rewards(stats: dict) -> str:
     if not stats:
         return ""
     return f", reward accuracy {stats['reward_accuracy']:.3f}, margin {stats['reward_margin']:.3f}"
-
-
-class _Progress:
-    """A live bar on a terminal; plain report lines otherwise (CI, logs, pipes)."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        # Only rank 0 of a distributed run shows anything.
-        self.total, self.quiet = total, not enabled
-        self.live = enabled and sys.stderr.isatty()
-        self.bar = None
-        if self.live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, step: int, info: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-
-    def say(self, line: str) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.console.print(line)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 class TrainingSession:
@@ -167,7 +135,11 @@ class TrainingSession:
         batches = iterate_batches(train_set, cfg.batch_size, cfg.seed,
                                   start * cfg.grad_accumulation_steps, self.world.rank(),
                                   self.world.size())
-        self.progress = _Progress(total, start, self.main)
+        # Only rank 0 of a distributed run shows anything; the report lines stay on stdout.
+        self.progress = ProgressBar("step {task.completed}/{task.total}", "bar", "{task.fields[info]}",
+                                    "eta", enabled=self.main and sys.stderr.isatty(),
+                                    transient=False, stderr=False)
+        self.bar_task = self.progress.add("train", total, start, info="")
         self.total = total
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
@@ -183,6 +155,10 @@ class TrainingSession:
             if self.metrics:
                 self.metrics.close()
         return self._finish(done, result, tokenizer)
+
+    def _report(self, line: str) -> None:
+        if self.main:
+            self.progress.print(line)
 
     def _on_sigint(self, signum, frame):
         if self.interrupted:
@@ -213,13 +189,14 @@ class TrainingSession:
         elapsed = time.perf_counter() - w["time"]
         tps = w["tokens"] / max(elapsed, 1e-9)  # tokens are already summed over ranks
         peak = mx.get_peak_memory() / 1024**3
-        self.progress.update(step, f"loss {loss:.3f}  {tps:,.0f} tok/s  {peak:.2f} GB")
+        self.progress.update(self.bar_task, completed=step,
+                             info=f"loss {loss:.3f}  {tps:,.0f} tok/s  {peak:.2f} GB")
         if step % cfg.steps_per_report == 0 or step == self.total:
             train_loss = w["loss"] / max(w["tokens"] if cfg.training_mode == "sft" else
                                          w["steps"], 1)
             means = {k: v / w["steps"] for k, v in w["stats"].items()}
             lr = self.optimizer.learning_rate.item()
-            self.progress.say(f"step {step}/{self.total}: train loss {train_loss:.4f}"
+            self._report(f"step {step}/{self.total}: train loss {train_loss:.4f}"
                               f"{_rewards(means)}, "
                               f"lr {lr:.2e}, {tps:,.0f} tok/s, peak {peak:.2f} GB")
             if self.main:
@@ -243,7 +220,7 @@ class TrainingSession:
         val, stats = evaluate_with_stats(self.model, eval_batches(mine, cfg.batch_size,
                                                                    cfg.val_batches), self.loss)
         self.last_val, self.last_val_stats = val, stats
-        self.progress.say(f"step {step}: val loss {val:.4f}{_rewards(stats)}")
+        self._report(f"step {step}: val loss {val:.4f}{_rewards(stats)}")
         if self.main:
             self.metrics.add(step=step, val_loss=val, **{f"val_{k}": v for k, v in stats.items()})
             self.metrics.plot()
