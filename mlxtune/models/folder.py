@@ -33,16 +33,30 @@ def write_model_folder(out: Path, weights: dict, config: dict, files: dict[str, 
     return Path(out)
 
 
+# What mlx-lm raises for a folder it cannot load (missing files, unknown model type, bad config).
+_LOAD_ERRORS = (ValueError, KeyError, FileNotFoundError)
+
+
 def load_model_folder(model_dir: Path, lazy: bool = False, tokenizer: bool = True):
     """(model, config, tokenizer or None) of the model folder `model_dir`, loaded by mlx-lm, or a
     one-line ModelError saying why it cannot be."""
-    from mlx_lm.utils import load_model, load_tokenizer
+    from mlx_lm.utils import load_model
 
     try:
         model, config = load_model(Path(model_dir), lazy=lazy)
-        return model, config, load_tokenizer(Path(model_dir)) if tokenizer else None
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except _LOAD_ERRORS as e:
         raise ModelError(f"{model_dir}: mlx-lm cannot load this model: {e}") from None
+    return model, config, load_tokenizer(model_dir) if tokenizer else None
+
+
+def load_tokenizer(model_dir: Path):
+    """The tokenizer of the model folder `model_dir` (no weights are read), or a ModelError."""
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    try:
+        return mlx_lm_load_tokenizer(Path(model_dir))
+    except _LOAD_ERRORS as e:
+        raise ModelError(f"{model_dir}: mlx-lm cannot load this model's tokenizer: {e}") from None
 
 
 def read_config(path: Path) -> dict:

@@ -28,7 +28,7 @@ class Tokenized:
 
 def check_data_folder(folder: Path, need: tuple[str, ...] = ("train", "valid"),
                       mode: str = "sft") -> dict[str, Path]:
-    """The split files in `folder`, checked to exist and to hold JSON lines of the kind
+    """The split files in `folder`, checked to exist and to hold, on every line, JSON of the kind
     `mode` trains on (pairs for dpo/orpo, examples for sft), before any model loads."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -42,16 +42,24 @@ def check_data_folder(folder: Path, need: tuple[str, ...] = ("train", "valid"),
         elif split in need:
             raise DataError(f"{path}: missing; {folder} needs {' and '.join(need)} .jsonl files")
     for split, path in found.items():
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    kind = _example_kind(_parse(line, path, line_no), path, line_no)
-                    _check_mode(kind, mode, path, line_no)
-                    break
-            else:
-                if split in need:
-                    raise DataError(f"{path}: has no examples")
+        # Reading every line costs seconds at most; finding a bad one after the weights loaded
+        # (or hours into training, for a split read late) costs far more.
+        records = 0
+        for line_no, record in read_records(path):
+            _check_mode(_example_kind(record, path, line_no), mode, path, line_no)
+            records += 1
+        if not records and split in need:
+            raise DataError(f"{path}: has no examples")
     return found
+
+
+def read_records(path: Path):
+    """(line number, record) for each non-blank line of a JSONL split, streamed; a DataError
+    with file:line at the first line that is not a JSON object."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                yield line_no, _parse(line, path, line_no)
 
 
 def _parse(line: str, path: Path, line_no: int) -> dict:
@@ -197,25 +205,21 @@ def load_split(path: Path, tokenizer, mask_prompt: bool, max_seq_length: int,
     """Every example of one split file, tokenized and truncated to `max_seq_length` + 1 tokens:
     Tokenized examples for sft, preference Pairs for dpo/orpo."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    for line_no, record in read_records(path):
+        _check_mode(_example_kind(record, path, line_no), mode, path, line_no)
+        try:
+            if mode != "sft":
+                pair = tokenize_pair(tokenizer, record, max_seq_length)
+                if pair is not None:
+                    examples.append(pair)
                 continue
-            record = _parse(line, path, line_no)
-            _check_mode(_example_kind(record, path, line_no), mode, path, line_no)
-            try:
-                if mode != "sft":
-                    pair = tokenize_pair(tokenizer, record, max_seq_length)
-                    if pair is not None:
-                        examples.append(pair)
-                    continue
-                ex = tokenize_record(tokenizer, record, mask_prompt)
-            except DataError as e:
-                raise DataError(f"{path}:{line_no}: {e}") from None
-            # Inputs are tokens[:-1] and targets tokens[1:], so keep one token more than the window.
-            ex = Tokenized(ex.tokens[: max_seq_length + 1], ex.loss_mask[: max_seq_length + 1])
-            if ex.loss_mask[1:].any():
-                examples.append(ex)
+            ex = tokenize_record(tokenizer, record, mask_prompt)
+        except DataError as e:
+            raise DataError(f"{path}:{line_no}: {e}") from None
+        # Inputs are tokens[:-1] and targets tokens[1:], so keep one token more than the window.
+        ex = Tokenized(ex.tokens[: max_seq_length + 1], ex.loss_mask[: max_seq_length + 1])
+        if ex.loss_mask[1:].any():
+            examples.append(ex)
     if not examples:
         raise DataError(f"{path}: no example has a token to train on")
     return examples

@@ -19,6 +19,7 @@ from mlxtune.train.config import TrainConfig
 from mlxtune.train.data import batches_per_epoch, eval_batches, iterate_batches, load_split
 from mlxtune.train.loop import evaluate_with_stats, masked_loss, token_count, train
 from mlxtune.train.metrics import MetricsLog
+from mlxtune.train.lora import trainable_count
 from mlxtune.train.optimizer import build_optimizer
 
 
@@ -37,20 +38,19 @@ def choose_loss(config: TrainConfig):
 
 
 def load_for_training(model_dir: Path, config: TrainConfig):
-    """The model (quantized at load if asked, set up for this backend's fast path) and tokenizer."""
+    """The model, quantized at load if asked and set up for this backend's fast path."""
     from mlx_lm.utils import quantize_model
 
+    from mlxtune.fastpath import prepare_for_training
     from mlxtune.models.folder import load_model_folder
 
-    model, model_config, tokenizer = load_model_folder(model_dir)
+    model, model_config, _ = load_model_folder(model_dir, tokenizer=False)
     if config.quantize is not None and "quantization" not in model_config:
         model, _ = quantize_model(model, model_config, config.quantize.group_size,
                                   config.quantize.bits)
-    from mlxtune.fastpath import prepare_for_training
-
     # The one place the compute path is chosen: on the CPU, de-quantize per layer and use fp32.
     prepare_for_training(model)
-    return model, tokenizer
+    return model
 
 
 def _rewards(stats: dict) -> str:
@@ -65,96 +65,114 @@ class TrainingSession:
 
     def __init__(self, config: TrainConfig, config_path, model_dir: Path, files: dict,
                  world, say):
-        self.config, self.config_path, self.model_dir = config, config_path, model_dir
-        self.files, self.world, self.say = files, world, say
-        self.main = world.rank() == 0
-        if not self.main:
-            self.say = lambda line: None
         from mlxtune.train.config import run_folder
 
+        self.config, self.config_path, self.model_dir = config, config_path, model_dir
+        self.files, self.world = files, world
+        self.main = world.rank() == 0
+        self.say = say if self.main else (lambda line: None)
         self.run_dir = run_folder(config, config_path)
-        self.best = math.inf
-        self.bad_evals = 0
-        self.stop_reason = "finished"
-        self.interrupted = False
-
-    def _write(self, fn, *args) -> None:
-        # Only rank 0 writes the run folder; every rank can read it back to resume.
-        if self.main:
-            fn(*args)
+        self.loss, self.count = choose_loss(config)
+        self.best, self.bad_evals = math.inf, 0
+        self.stop_reason, self.interrupted = "finished", False
+        # Set by run() before any hook runs.
+        self.model = self.optimizer = self.metrics = None
+        self.adapter_config: dict = {}
+        self.valid_set: list = []
+        self.total = 0
+        self.last_val: float | None = None
+        self.last_val_stats: dict = {}
+        self.window: dict = {}
+        self.progress, self.bar_task = ProgressBar(enabled=False), None
 
     def run(self, resume: bool, result):
         """Load everything, train, save; returns the filled-in TrainResult."""
-        from mlxtune.train.lora import apply_lora, trainable_count
+        from mlxtune.models.folder import load_tokenizer
 
         cfg = self.config
-        model, tokenizer = load_for_training(self.model_dir, cfg)
-        adapter_config = apply_lora(model, cfg)
-        if cfg.resume_adapter_file:
-            model.load_weights(cfg.resume_adapter_file, strict=False)
-        if cfg.grad_checkpoint:
-            from mlx_lm.tuner.trainer import grad_checkpoint
-
-            grad_checkpoint(model.layers[0])
-        mode = cfg.training_mode
-        train_set = load_split(self.files["train"], tokenizer, cfg.mask_prompt, cfg.max_seq_length,
-                               mode)
-        valid_set = load_split(self.files["valid"], tokenizer, cfg.mask_prompt, cfg.max_seq_length,
-                               mode)
-        self.loss, self.count = choose_loss(cfg)
-        global_batch = cfg.batch_size * self.world.size()
-        per_epoch = batches_per_epoch(len(train_set), global_batch)
-        total = (math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation_steps)
-                 if cfg.epochs else cfg.iters)
-        optimizer = build_optimizer(cfg, total)
-        start = 0
-        if resume:
-            last = ckpt.list_checkpoints(self.run_dir)[-1]
-            loop_state = ckpt.load_checkpoint(last, model, optimizer)
-            start, self.best = loop_state["step"], loop_state.get("best", math.inf)
-            self.bad_evals = loop_state.get("bad_evals", 0)
-            self.say(f"resuming {self.run_dir} from step {start} ({last.name})")
-        self.model, self.optimizer, self.valid_set = model, optimizer, valid_set
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            write_json(self.run_dir / "adapter_config.json", adapter_config)
-        self.adapter_config = adapter_config
-        self.metrics = None
-        if self.main:
-            from mlxtune.config import config_to_dict
-            from mlxtune.train.trackers import open_trackers
-
-            trackers = open_trackers(cfg.report_to, self.run_dir, cfg.project_name,
-                                     config_to_dict(cfg))
-            self.metrics = MetricsLog(self.run_dir, start if resume else None, trackers)
-        what = "examples" if mode == "sft" else f"preference pairs ({mode})"
-        self.say(f"training {trainable_count(model) / 1e6:.3f}M parameters "
-                 f"({cfg.fine_tune_type}) on {len(train_set)} {what} for {total} steps; "
+        # Every example is tokenized before the weights load: a bad one fails in seconds.
+        tokenizer = load_tokenizer(self.model_dir)
+        train_set = self._split("train", tokenizer)
+        self.valid_set = self._split("valid", tokenizer)
+        self.model = self._load_model()
+        per_epoch = batches_per_epoch(len(train_set), cfg.batch_size * self.world.size())
+        self.total = (math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation_steps)
+                      if cfg.epochs else cfg.iters)
+        self.optimizer = build_optimizer(cfg, self.total)
+        start = self._resume() if resume else 0
+        self._open_run_folder(start if resume else None)
+        what = ("examples" if cfg.training_mode == "sft"
+                else f"preference pairs ({cfg.training_mode})")
+        self.say(f"training {trainable_count(self.model) / 1e6:.3f}M parameters "
+                 f"({cfg.fine_tune_type}) on {len(train_set)} {what} for {self.total} steps; "
                  f"run folder {self.run_dir}")
         batches = iterate_batches(train_set, cfg.batch_size, cfg.seed,
                                   start * cfg.grad_accumulation_steps, self.world.rank(),
                                   self.world.size())
         # Only rank 0 of a distributed run shows anything; the report lines stay on stdout.
-        self.progress = ProgressBar("step {task.completed}/{task.total}", "bar", "{task.fields[info]}",
-                                    "eta", enabled=self.main and sys.stderr.isatty(),
-                                    transient=False, stderr=False)
-        self.bar_task = self.progress.add("train", total, start, info="")
-        self.total = total
+        self.progress = ProgressBar("step {task.completed}/{task.total}", "bar",
+                                    "{task.fields[info]}", "eta",
+                                    enabled=self.main and sys.stderr.isatty(), transient=False,
+                                    stderr=False)
+        self.bar_task = self.progress.add("train", self.total, start, info="")
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             if start == 0:
                 self._eval(0)
             self._new_window()
-            done = train(model, optimizer, batches, total, loss=self.loss, count=self.count,
-                         accumulation=cfg.grad_accumulation_steps, start_step=start,
-                         seed=cfg.seed, on_step=self._on_step)
+            done = train(self.model, self.optimizer, batches, self.total, loss=self.loss,
+                         count=self.count, accumulation=cfg.grad_accumulation_steps,
+                         start_step=start, seed=cfg.seed, on_step=self._on_step)
         finally:
             signal.signal(signal.SIGINT, previous)
             self.progress.close()
             if self.metrics:
                 self.metrics.close()
         return self._finish(done, result, tokenizer)
+
+    def _split(self, split: str, tokenizer) -> list:
+        cfg = self.config
+        return load_split(self.files[split], tokenizer, cfg.mask_prompt, cfg.max_seq_length,
+                          cfg.training_mode)
+
+    def _load_model(self):
+        """The model with its adapters (or unfrozen blocks) in place, ready to train."""
+        from mlxtune.train.lora import apply_lora
+
+        cfg = self.config
+        model = load_for_training(self.model_dir, cfg)
+        self.adapter_config = apply_lora(model, cfg)
+        if cfg.resume_adapter_file:
+            model.load_weights(cfg.resume_adapter_file, strict=False)
+        if cfg.grad_checkpoint:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(model.layers[0])
+        return model
+
+    def _resume(self) -> int:
+        """Restore the last checkpoint into the model and optimizer; returns its step."""
+        last = ckpt.list_checkpoints(self.run_dir)[-1]
+        loop_state = ckpt.load_checkpoint(last, self.model, self.optimizer)
+        self.best = loop_state.get("best", math.inf)
+        self.bad_evals = loop_state.get("bad_evals", 0)
+        self.say(f"resuming {self.run_dir} from step {loop_state['step']} ({last.name})")
+        return loop_state["step"]
+
+    def _open_run_folder(self, resume_step: int | None) -> None:
+        """Rank 0 writes the resolved config and adapter config and opens the metrics log."""
+        if not self.main:
+            return
+        from mlxtune.config import config_to_dict
+        from mlxtune.train.trackers import open_trackers
+
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        write_json(self.run_dir / "adapter_config.json", self.adapter_config)
+        trackers = open_trackers(cfg.report_to, self.run_dir, cfg.project_name,
+                                 config_to_dict(cfg))
+        self.metrics = MetricsLog(self.run_dir, resume_step, trackers)
 
     def _report(self, line: str) -> None:
         if self.main:
@@ -249,8 +267,7 @@ class TrainingSession:
     def _finish(self, done: int, result, tokenizer):
         cfg = self.config
         result.steps, result.stopped = done, self.stop_reason
-        result.val_loss = getattr(self, "last_val", None)
-        result.val_stats = getattr(self, "last_val_stats", {})
+        result.val_loss, result.val_stats = self.last_val, self.last_val_stats
         result.best_val_loss = self.best if math.isfinite(self.best) else None
         if cfg.test and "test" in self.files:
             test_set = load_split(self.files["test"], tokenizer, cfg.mask_prompt,
