@@ -189,6 +189,44 @@ def _token_counter(model: str, kind: str) -> Callable[[dict], int]:
     return count
 
 
+# Our examples are plain trees of dicts, lists and strings: no cycle check needed.
+_encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+
+
+def _row_line(record, shape, kind: str, options: PrepareOptions, seen: FingerprintSet, count):
+    """(JSONL line, split score, token count or None) of one kept row; raises Drop otherwise."""
+    if isinstance(record, Malformed):
+        raise Drop("malformed", record.why)
+    if kind == "preference":
+        example = with_system(to_pair(shape, record), options.system)
+    else:
+        example = to_example(shape, record)
+    if kind == "chat":
+        example = as_chat(example, options.system)
+    line = _encode(example).encode()
+    fingerprint, score = digest_example(line, options.seed)
+    if not seen.add(fingerprint):
+        raise Drop("duplicate", "the same example as an earlier row")
+    n = count(example) if count else None
+    if options.max_tokens and n > options.max_tokens:
+        raise Drop("too_long", f"{n} tokens, over --max-tokens {options.max_tokens}")
+    return line, score, n
+
+
+def _write_splits(spool: Path, scores, lengths, options: PrepareOptions, folder: Path,
+                  report: Report, log: DropLog) -> None:
+    """Cut the spooled examples into the split files and write report.json, in `folder`."""
+    if not scores:
+        reasons = ", ".join(f"{n} {r}" for r, n in report.dropped.items()) or "no rows"
+        raise DataError(f"no examples left to write ({reasons}); nothing was written; run "
+                        "with --strict to see the first bad row")
+    report.kept, notes = split_sizes(len(scores), options.valid_fraction, options.test_fraction)
+    report.notes += notes
+    write_splits(spool, assign_splits(scores, report.kept), folder)
+    report.tokens = token_stats(lengths)
+    log.write_report(folder / "report.json")
+
+
 def _stream(sources: list[Source], shapes: list, kind: str, count, options: PrepareOptions,
             folder: Path, report: Report) -> None:
     """Read every row once, spool each kept example, then write the splits into `folder`."""
@@ -204,8 +242,6 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
     bar = ProgressBar("preparing", "bar", "bytes", "eta",
                       enabled=total >= _LARGE and sys.stderr.isatty() if enabled is None else enabled)
     task = bar.add("prepare", total)
-    # Our examples are plain trees of dicts, lists and strings: no cycle check needed.
-    encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
     try:
         done = 0
         for source, shape in zip(sources, shapes):
@@ -218,22 +254,7 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
                 if stats["rows"] % _TICK == 0:
                     bar.update(task, completed=done + source.tell())
                 try:
-                    if isinstance(record, Malformed):
-                        raise Drop("malformed", record.why)
-                    if kind == "preference":
-                        example = with_system(to_pair(shape, record), options.system)
-                    else:
-                        example = to_example(shape, record)
-                    if kind == "chat":
-                        example = as_chat(example, options.system)
-                    line = encode(example).encode()
-                    fingerprint, score = digest_example(line, options.seed)
-                    if not seen.add(fingerprint):
-                        raise Drop("duplicate", "the same example as an earlier row")
-                    n = count(example) if count else None
-                    if options.max_tokens and n > options.max_tokens:
-                        raise Drop("too_long", f"{n} tokens, over --max-tokens "
-                                               f"{options.max_tokens}")
+                    line, score, n = _row_line(record, shape, kind, options, seen, count)
                 except Drop as d:
                     if options.strict:
                         raise DataError(f"{source.where(position)}: {d.why} (--strict stops at "
@@ -249,16 +270,7 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
             done += source.size
         kept.close()
         del seen  # its slots are no longer needed while the splits are cut and written
-        if not scores:
-            reasons = ", ".join(f"{n} {r}" for r, n in report.dropped.items()) or "no rows"
-            raise DataError(f"no examples left to write ({reasons}); nothing was written; run "
-                            "with --strict to see the first bad row")
-        report.kept, notes = split_sizes(len(scores), options.valid_fraction,
-                                         options.test_fraction)
-        report.notes += notes
-        write_splits(spool, assign_splits(scores, report.kept), folder)
-        report.tokens = token_stats(lengths)
-        log.write_report(folder / "report.json")
+        _write_splits(spool, scores, lengths, options, folder, report, log)
     finally:
         kept.close()
         log.close()
