@@ -1,21 +1,37 @@
 """The mlxtune command line: each command parses, calls one library function, prints the result.
 
-A user error (MlxtuneError) becomes one red line on stderr and exit code 2; a bug keeps its traceback.
+A user error (MlxtuneError) becomes one red line on stderr and exit code 2 (a ConfigError, one line
+per problem); a bug keeps its traceback. The conversion happens inside Typer's own invocation of
+the command, so an in-process test runner sees exactly what a terminal sees.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from mlxtune.errors import ConfigError, MlxtuneError
 
+
+class _Commands(TyperGroup):
+    """mlxtune's commands: a user error ends as its line(s) in red and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MlxtuneError as e:
+            for problem in e.problems if isinstance(e, ConfigError) else [str(e)]:
+                typer.secho(f"error: {problem}", fg="red", err=True)
+            raise typer.Exit(e.exit_code) from None
+
+
 # Plain Click help: Typer's rich help shows every flag with a '<bool>' type, as if it took one.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Prepare data, fine-tune (LoRA, DoRA, QLoRA), fuse, serve and evaluate "
                        "LLMs with MLX.")
 
@@ -287,22 +303,13 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    """Entry point: preload the fast BLAS, then run the app."""
     from mlxtune.blas import preload_fast_blas
 
     # Before anything imports MLX: on Linux CPU this re-executes once with OpenBLAS preloaded.
     preload_fast_blas()
-    try:
-        # Standalone mode lets Typer report usage errors itself (exit 2); ours pass through.
-        # The name is set: the BLAS re-exec runs us as `python -m mlxtune`.
-        app(prog_name="mlxtune")
-    except ConfigError as e:
-        for problem in e.problems:
-            typer.secho(f"error: {problem}", fg="red", err=True)
-        sys.exit(2)
-    except MlxtuneError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        sys.exit(e.exit_code)
+    # The name is set: the BLAS re-exec runs us as `python -m mlxtune`.
+    app(prog_name="mlxtune")
 
 
 if __name__ == "__main__":
