@@ -55,13 +55,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def storage_error(path: Path, error: BaseException) -> MlxtuneError | None:
+def storage_error(path: Path | str, error: BaseException) -> MlxtuneError | None:
     """A one-line error for a write that failed for lack of space or permission, else None."""
     text = str(error)
     if isinstance(error, OSError) and error.errno in _STORAGE_ERRORS:
         why = error.strerror
-    elif isinstance(error, RuntimeError) and ("No space left" in text or "write" in text.lower()):
-        why = text  # MLX's writers raise RuntimeError without an errno
+    elif isinstance(error, RuntimeError) and text.startswith("[write]"):
+        # MLX's writers (mx.save_safetensors) raise RuntimeError("[write] Unable to write N
+        # bytes to file.") without an errno; a short write is a full disk or quota.
+        why = "the disk is full or over quota"
     else:
         return None
     return MlxtuneError(f"{path}: cannot write ({why}); nothing was replaced. Free some space "

@@ -27,6 +27,15 @@ class _Commands(TyperGroup):
             for problem in e.problems if isinstance(e, ConfigError) else [str(e)]:
                 typer.secho(f"error: {problem}", fg="red", err=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            from mlxtune.atomic import storage_error
+
+            # A full disk wherever it strikes (a log line, a plot) is the user's to fix, not a bug.
+            friendly = storage_error(e.filename or "an output file", e)
+            if friendly is None:
+                raise
+            typer.secho(f"error: {friendly}", fg="red", err=True)
+            raise typer.Exit(friendly.exit_code) from None
 
 
 # Plain Click help: Typer's rich help shows every flag with a '<bool>' type, as if it took one.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlxtune.atomic import write_file, write_text
+from mlxtune.atomic import storage_error, write_file, write_text
 
 # Preference runs (training_mode dpo/orpo) add the reward statistics, for training and validation.
 REWARDS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
@@ -36,8 +36,11 @@ class MetricsLog:
         """Record one row; keys not measured at this step are left out."""
         row = {k: row[k] for k in KEYS if row.get(k) is not None}
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise storage_error(self.path, e) or e from None
         values = {k: v for k, v in row.items() if k != "step"}
         for tracker in self.trackers:
             tracker.log(values, row["step"])

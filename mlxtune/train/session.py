@@ -260,9 +260,14 @@ class TrainingSession:
     def _save(self, step: int) -> None:
         if not self.main:
             return
-        ckpt.save_adapters(self.run_dir / ckpt.ADAPTERS, self.model)
-        ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer,
-                             {"best": self.best, "bad_evals": self.bad_evals})
+        try:
+            ckpt.save_adapters(self.run_dir / ckpt.ADAPTERS, self.model)
+            ckpt.save_checkpoint(self.run_dir, step, self.model, self.optimizer,
+                                 {"best": self.best, "bad_evals": self.bad_evals})
+        except MlxtuneError as e:  # a full disk: each write left the old file or folder whole
+            last = ckpt.list_checkpoints(self.run_dir)
+            kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved"
+            raise MlxtuneError(f"step {step}: cannot save a checkpoint: {e}; {kept}") from None
 
     def _finish(self, done: int, result, tokenizer):
         cfg = self.config
