@@ -14,8 +14,8 @@ from pathlib import Path
 
 from mlxtune.errors import DataError, MlxtuneError
 from mlxtune.evaluate.client import LocalBackend
-from mlxtune.evaluate.examples import json_records
 from mlxtune.evaluate.stats import comparison_table, paired_bootstrap
+from mlxtune.train.data import read_records
 
 SCORES = ("prefers_chosen", "logp_margin")
 
@@ -57,8 +57,8 @@ class PreferenceSummary:
 def read_pairs(path: Path, limit: int | None) -> list[dict]:
     """The first `limit` pair records of a test file, checked."""
     records = []
-    for line_no, record in json_records(path):
-        if not (isinstance(record, dict) and "chosen" in record and "rejected" in record):
+    for line_no, record in read_records(path):
+        if not ("chosen" in record and "rejected" in record):
             raise DataError(f"{path}:{line_no}: expected a preference pair (prompt, chosen, "
                             "rejected) like the lines before it")
         records.append(record)
