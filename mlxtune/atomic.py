@@ -29,10 +29,11 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
 
 
-def _remove_stale(path: Path) -> None:
-    """Remove temp siblings of `path` left by writers that were killed (their process is gone)."""
+def remove_stale(path: Path) -> None:
+    """Remove temp siblings of `path` (whose name may be a glob pattern, e.g. step-*) left by
+    writers that were killed: those whose process is gone."""
     for old in path.parent.glob(f".{path.name}.partial-*"):
-        pid = old.name[len(f".{path.name}.partial-"):].split(".")[0]
+        pid = old.name.rpartition(".partial-")[2].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
@@ -75,7 +76,7 @@ def write_file(path: Path, write: Callable[[Path], object]) -> Path:
     temp file is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path)
+    remove_stale(path)
     tmp = _temp_name(path)
     try:
         write(tmp)
@@ -134,7 +135,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     `out` in one step, and on any error it is removed and `out` is left as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
+    remove_stale(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

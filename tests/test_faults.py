@@ -165,6 +165,17 @@ def test_killed_training_leaves_only_whole_checkpoints(tmp_path, tiny_qmodel_dir
             assert set(mx.load(str(run / "adapters.safetensors"))) == keys
         if (run / "adapter_config.json").exists():
             json.loads((run / "adapter_config.json").read_text())
+    # The next checkpoint removes whatever temp folder a killed save left, whatever its step.
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlxtune.train.checkpoint import save_checkpoint
+
+    (run / "checkpoints" / ".step-0000003.partial-999999999").mkdir(parents=True, exist_ok=True)
+    optimizer = optim.Adam(learning_rate=0.1)
+    optimizer.init((model := nn.Linear(2, 2)).trainable_parameters())
+    save_checkpoint(run, 99, model, optimizer, {})
+    assert [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.fixture

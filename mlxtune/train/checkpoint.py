@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxtune.atomic import atomic_folder, write_file
+from mlxtune.atomic import atomic_folder, remove_stale, write_file
 from mlxtune.errors import MlxtuneError
 
 ADAPTERS = "adapters.safetensors"
@@ -41,6 +41,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, loop:
         # state.json marks a whole checkpoint (list_checkpoints), so it is written last.
         (tmp / "state.json").write_text(json.dumps({"step": step, **loop}, indent=2))
     # The older ones go only once the new one is in place: a full disk keeps the last good one.
+    remove_stale(root / "step-*")  # temp folders of runs killed while saving another step
     for old in list_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
