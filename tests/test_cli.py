@@ -92,3 +92,28 @@ def test_the_installed_entry_point_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'no.yaml'}: no such config "
                                                 "file"]
+
+
+def test_a_full_disk_anywhere_is_one_line_and_a_bug_keeps_its_traceback():
+    import errno
+
+    import typer
+
+    from mlxtune.cli import _Commands
+
+    demo = typer.Typer(cls=_Commands)
+
+    @demo.command()
+    def write(kind: str) -> None:
+        if kind == "full":
+            raise OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl")
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    @demo.command()
+    def other() -> None:  # two commands, so `write` is a subcommand, as mlxtune's are
+        pass
+
+    full = CliRunner().invoke(demo, ["write", "full"])
+    assert_one_line_error(full, "runs/x/metrics.jsonl: cannot write (No space left on device)")
+    bug = CliRunner().invoke(demo, ["write", "bug"])
+    assert bug.exit_code == 1 and isinstance(bug.exception, OSError)
