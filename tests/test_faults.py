@@ -44,7 +44,7 @@ def _mlxtune(*args) -> list[str]:
 
 def _run_killed(cmd: list[str], delay: float) -> bool:
     """Run `cmd`, SIGKILL it after `delay` seconds; True if it was killed (not finished)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         proc.wait(timeout=delay)
         return False
