@@ -279,7 +279,13 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     print(f"{'blas':>18}  {', '.join(report['blas']) or '(none found in this process)'}")
     fast = report["fast_blas"]
     print(f"{'fast blas':>18}  {fast['fast_blas']}; preloaded {fast['preloaded'] or 'nothing'}; "
-          f"core type {fast['coretype'] or 'auto'}; found {fast['found'] or 'none'}")
+          f"core type {fast['coretype'] or 'auto'}; candidates {', '.join(fast['found']) or 'none'}")
+    if fast["measured"]:
+        figures = ", ".join(f"{name} {m['gflops']}" if "gflops" in m else f"{name} failed"
+                            for name, m in fast["measured"].items())
+        print(f"{'blas pick':>18}  {fast['picked']} (measured on this CPU, GFLOP/s: {figures})")
+    else:
+        print(f"{'blas pick':>18}  not measured on this CPU: python -m mlxtune.blas --pick")
     print(f"{'cpu matmul':>18}  {report['cpu_matmul_gflops']} GFLOP/s (fp32, 1024x1024)")
     print(f"{'cpu kernels':>18}  {report['cpu_kernels']}")
     for line in report["advice"] or ["nothing to fix"]:
