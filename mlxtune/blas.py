@@ -31,7 +31,7 @@ from mlxtune.blas_choice import (Candidate, blis_candidate, choice_path, cpuinfo
                                  mkl_candidate, pick, saved_choice)
 
 OFF_VAR = "MLXTUNE_FAST_BLAS"  # "0" turns all of this off
-LIB_VAR = "MLXTUNE_BLAS"  # a user's own BLAS library path
+LIB_VAR = "MLXTUNE_BLAS"  # a candidate's name (openblas, mkl, blis) or a BLAS library's path
 MARKER_VAR = "MLXTUNE_BLAS_PRELOADED"  # set on re-exec so it happens once
 
 # Debian/Ubuntu's libopenblas0-pthread, then other common places (Fedora, Arch, /usr/local).
@@ -88,7 +88,7 @@ def find_blas(environ=os.environ, verify: bool = True) -> str | None:
     def usable(path: str) -> bool:
         return os.path.isfile(path) and (not verify or exports_blas(path))
 
-    if environ.get(LIB_VAR):
+    if environ.get(LIB_VAR) and "/" in environ[LIB_VAR]:
         path = environ[LIB_VAR]
         return path if usable(path) else None
     for path in _KNOWN_PATHS + _ldconfig_openblas():
@@ -141,9 +141,11 @@ def _already_loaded(maps: str = "/proc/self/maps") -> bool:
 
 
 def candidates(environ=os.environ, cpuinfo: str | None = None) -> list[Candidate]:
-    """The BLAS libraries MLX could call here: the user's MLXTUNE_BLAS alone if set, else the
-    system OpenBLAS (with its core type), MKL from this environment, and BLIS, where present."""
-    if environ.get(LIB_VAR):
+    """The BLAS libraries MLX could call here: the system OpenBLAS (with its core type), MKL from
+    this environment, and BLIS, where present; only the one MLXTUNE_BLAS names (a candidate's
+    name or a library's path) when it is set."""
+    wanted = environ.get(LIB_VAR, "")
+    if "/" in wanted:
         path = find_blas(environ)
         return [Candidate("user", path)] if path else []
     found = []
@@ -156,7 +158,7 @@ def candidates(environ=os.environ, cpuinfo: str | None = None) -> list[Candidate
             env = {"OPENBLAS_CORETYPE": core} if core else {}
         found.append(Candidate("openblas", openblas, env))
     found += [c for c in (mkl_candidate(environ=environ), blis_candidate()) if c is not None]
-    return found
+    return [c for c in found if c.name == wanted] if wanted else found
 
 
 def chosen(environ=os.environ, cpuinfo: str | None = None, name: str | None = None):

@@ -94,6 +94,14 @@ def test_the_pick_measured_on_this_cpu_decides(fake_system, monkeypatch):
         == "SkylakeX"
 
 
+def test_the_user_names_a_candidate_or_a_library(fake_system, monkeypatch):
+    monkeypatch.setattr(blas, "mkl_candidate", lambda environ=None: MKL)
+    assert blas.blas_env({blas.LIB_VAR: "mkl"}, cpuinfo=CPUINFO_ZEN4)["LD_PRELOAD"] == MKL.library
+    assert blas.blas_env({blas.LIB_VAR: "nothing-such"}, cpuinfo=CPUINFO_ZEN4).get(
+        "LD_PRELOAD") is None
+    assert [c.name for c in blas.candidates({blas.LIB_VAR: "/x/libopenblas.so.0"})] == ["user"]
+
+
 def test_a_candidate_that_fails_is_never_picked(fake_system, monkeypatch):
     monkeypatch.setattr(blas, "mkl_candidate", lambda environ=None: MKL)
     monkeypatch.setattr(blas_choice, "measure_in_child", lambda c, env: (
