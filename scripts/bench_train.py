@@ -287,8 +287,10 @@ def _leg_env(name: str) -> dict:
     """The environment a user of that tool gets: mlxtune's fast BLAS, or stock MLX's own."""
     from mlxtune.blas import ALLOCATOR_ENV, MARKER_VAR, blas_env
 
+    # Whatever this shell had loaded (OpenBLAS or MKL and its search path) goes; each leg gets its own.
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", MARKER_VAR, *ALLOCATOR_ENV)}
+           if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "MKL_THREADING_LAYER", "LD_LIBRARY_PATH",
+                        MARKER_VAR, *ALLOCATOR_ENV)}
     if name in ("mlxtune", "mlxtune+cache", "mlx_lm+openblas", "7b"):
         env.update(blas_env(env))
     return env
