@@ -218,8 +218,10 @@ def test_the_builtin_model_answers_20_valid_people_only_with_the_schema(builtin_
     srv = Server(build_registry(str(builtin_model_dir), say=lambda s: None), api_key=None)
     try:
         client, model = srv.client(timeout=600), str(builtin_model_dir)
+        # The prompts do not say "JSON": that is the schema's job (asked for JSON in words, this
+        # model wrote valid answers to 18 of these 20 on its own).
         prompts = [[{"role": "user", "content": f"{n} is {a} years old and lives in {c}. Give "
-                     "this person's name, age and city as JSON."}] for n, a, c in PEOPLE]
+                     "this person's name, age and city."}] for n, a, c in PEOPLE]
 
         def ask(messages, **kw):
             return _chat(client, model, messages=messages, max_tokens=80, **kw).choices[0]
@@ -244,5 +246,5 @@ def test_the_builtin_model_answers_20_valid_people_only_with_the_schema(builtin_
     n_free = sum(valid(f.message.content) for f in free)
     with capsys.disabled():
         print(f"\nbuilt-in model, 20 people: {n_free}/20 valid without response_format, "
-              "20/20 with it")
-    assert n_free < 20
+              f"20/20 with it; e.g. {constrained[0].message.content}")
+    assert n_free <= 10
