@@ -82,13 +82,11 @@ def read_response_format(path: Path) -> dict:
         raise MlxtuneError(f"--response-format {path}: not valid JSON ({e})") from None
     if isinstance(value, dict) and value.get("type") in ("text", "json_object", "json_schema") \
             and set(value) <= {"type", "json_schema"}:
-        fmt = value
-    elif isinstance(value, dict):
-        name = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:64] or "schema"
-        fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": value,
-                                                      "strict": True}}
-    else:
+        check_response_format(value, where=f"--response-format {path}: response_format")
+        return value
+    if not isinstance(value, dict):
         raise MlxtuneError(f"--response-format {path}: expected a JSON object (a JSON Schema or "
                            "a whole response_format)")
-    check_response_format(fmt, where=f"--response-format {path}")
-    return fmt
+    check_schema(value, f"--response-format {path}: schema")
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:64] or "schema"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": value, "strict": True}}

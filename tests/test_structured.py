@@ -248,3 +248,73 @@ def test_the_builtin_model_answers_20_valid_people_only_with_the_schema(builtin_
         print(f"\nbuilt-in model, 20 people: {n_free}/20 valid without response_format, "
               f"20/20 with it; e.g. {constrained[0].message.content}")
     assert n_free <= 10
+
+
+# --- mlxtune eval --response-format -----------------------------------------------------------
+
+
+def _people_data(tmp_path):
+    data = tmp_path / "test.jsonl"
+    with open(data, "w") as f:
+        for n, a, c in PEOPLE[:4]:
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"{n}, {a}, {c}"},
+                {"role": "assistant", "content": json.dumps({"name": n, "age": a, "city": c})}]})
+                    + "\n")
+    return data
+
+
+def test_eval_sends_the_response_format_with_every_request(tiny_server, tiny_qmodel_dir,
+                                                           tmp_path):
+    from mlxtune.evaluate.run import run_eval
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    data, url, model = _people_data(tmp_path), tiny_server.base + "/v1", str(tiny_qmodel_dir)
+    runs = {}
+    for name, fmt in (("with", schema), ("without", None)):
+        run_eval(data, tmp_path / name, model, url=url, metrics="json", max_tokens=120,
+                 response_format=fmt)
+        rows = [json.loads(line) for line in (tmp_path / name / "results.jsonl").open()]
+        runs[name] = [r["answer"] for r in rows]
+    assert len(runs["with"]) == 4
+    for answer in runs["with"]:
+        jsonschema.validate(json.loads(answer), PERSON)
+    for answer in runs["without"]:  # the random model writes no JSON unless made to
+        with pytest.raises(ValueError):
+            json.loads(answer)
+
+
+def test_eval_checks_the_response_format_file_before_any_request(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from mlxtune.evaluate.run import run_eval
+
+    with socket.socket() as s:  # a port nobody listens on: reaching it would fail differently
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    data = _people_data(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "object", "properties": {"age": {"type": "integer", '
+                   '"maximum": "old"}}}')
+    with pytest.raises(MlxtuneError, match=r"bad.json: schema\['properties'\]\['age'\]"
+                                           r"\['maximum'\]: 'old' is not of type"):
+        run_eval(data, tmp_path / "out", "m", url=url, response_format=bad)
+    with pytest.raises(MlxtuneError, match="--response-format is enforced by the server"):
+        run_eval(data, tmp_path / "out", "m", response_format=_write(tmp_path / "ok.json",
+                                                                     PERSON))
+    r = subprocess.run([sys.executable, "-m", "mlxtune", "eval", "--data", str(data), "--url",
+                        url, "--model", "m", "--out", str(tmp_path / "out"),
+                        "--response-format", str(tmp_path / "missing.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.json: cannot read it" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def _write(path, value):
+    path.write_text(json.dumps(value))
+    return path
