@@ -261,12 +261,14 @@ def serve(
                                   "together."),
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests that may wait beyond "
                                   "the running batch; more get 429 with Retry-After."),
+    no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the playground page at /."),
 ) -> None:
-    """Serve a base model and its adapters with an OpenAI-compatible HTTP API."""
+    """Serve a base model and its adapters with an OpenAI-compatible HTTP API (and a playground
+    page at / to chat with two of them side by side)."""
     from mlxtune.serve import serve as run_server
 
     run_server(model, adapters, run, fuse_run, host, port, api_key, max_loras, max_lora_rank,
-               max_batch, max_queue)
+               max_batch, max_queue, ui=not no_ui)
 
 
 @app.command()
