@@ -3,6 +3,7 @@ a JSON Schema on the tiny random llama (which never writes JSON by itself) and o
 model (20 answers, every one valid)."""
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -170,6 +171,8 @@ def test_a_batch_mixes_constrained_and_free_rows(tiny_server, tiny_qmodel_dir):
                ("quick brown fox", "lazy dog France", "alpha capital fox", "brown dog")]
     alone = [_chat(client, model, messages=m, max_tokens=24).choices[0].message.content
              for m in prompts]
+    # Hold the model's thread for a moment so all eight requests wait and start as one batch.
+    tiny_server.server.config.app.state.generator.call(time.sleep, 2.0)
     with ThreadPoolExecutor(8) as pool:
         free = [pool.submit(_chat, client, model, messages=m, max_tokens=24) for m in prompts]
         constrained = [pool.submit(_chat, client, model, messages=m,

@@ -72,7 +72,11 @@ class GrammarMask:
                     raise RuntimeError(f"the grammar rejected token {token}: "
                                        f"{self.matcher.get_error()}")
             self.seen = n
-        return mx.where(mx.array(self.allowed()), logits, -mx.inf)
+        allowed = self.allowed()
+        width = logits.shape[-1]
+        if width != allowed.size:  # an output head padded past the vocabulary (or short of it)
+            allowed = np.pad(allowed[:width], (0, max(0, width - allowed.size)))
+        return mx.where(mx.array(allowed), logits, -mx.inf)
 
     def allowed(self) -> np.ndarray:
         """A bool per vocabulary entry: may it come next?"""
