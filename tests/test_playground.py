@@ -111,3 +111,34 @@ def test_two_panes_stream_their_own_models_answers_in_chromium(server, tiny_qmod
             assert errors == []
         finally:
             browser.close()
+
+
+def test_the_serve_command_takes_no_ui(tiny_qmodel_dir):
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlxtune", "serve", "--model",
+                             str(tiny_qmodel_dir), "--port", str(port), "--no-ui"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        started = json.loads(proc.stdout.readline())  # printed once it is about to listen
+        assert started["url"] == f"http://127.0.0.1:{port}/v1" and "playground" not in started
+        status = None
+        for _ in range(300):
+            try:
+                status = _get(f"http://127.0.0.1:{port}/")[0]
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert status == 404
+        assert _get(f"http://127.0.0.1:{port}/v1/models")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
