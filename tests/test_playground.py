@@ -2,17 +2,22 @@
 headless Chromium (through playwright, which drives the system browser: nothing is downloaded):
 it lists the served models and streams one message's answers into both panes."""
 
+import json
 import os
 import re
 import shutil
 import urllib.request
 
+import jsonschema
 import pytest
 
 from tests.adapters import ANSWERS, answer_adapters
 from tests.test_serve import KEY, Server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SMALL = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 8},
+                                          "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+         "required": ["word", "n"], "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +113,32 @@ def test_two_panes_stream_their_own_models_answers_in_chromium(server, tiny_qmod
             assert int(page.get_attribute("#pane-b", "data-chunks")) >= 1
             assert page.locator("#pane-a .msg.user").inner_text() == "quick brown fox"
             assert "tokens" in page.inner_text("#pane-a .info")
+            # With a JSON Schema, both answer in it (the random base too); a schema that is not
+            # JSON is an error in each pane, and the conversations go on after it.
+            page.click("#format-box summary")
+            page.check("input[name=format][value=json_schema]")
+            page.fill("#schema", json.dumps(SMALL))
+            page.fill("#max-tokens", "60")
+            page.fill("#prompt", "lazy dog")
+            page.click("#send")
+            for pane in ("#pane-a", "#pane-b"):
+                expect(page.locator(pane)).to_have_attribute("data-state", "done",
+                                                             timeout=120_000)
+                text = page.locator(f"{pane} .msg.assistant").nth(1).text_content()
+                jsonschema.validate(json.loads(text), SMALL)
+            page.fill("#schema", "{not json")
+            page.fill("#prompt", "brown fox")
+            page.click("#send")
+            for pane in ("#pane-a", "#pane-b"):
+                expect(page.locator(pane)).to_have_attribute("data-state", "error")
+                assert "does not hold JSON" in page.locator(f"{pane} .msg.error").text_content()
+            assert page.locator("#pane-a .msg.assistant").count() == 2
             assert errors == []
         finally:
             browser.close()
 
 
 def test_the_serve_command_takes_no_ui(tiny_qmodel_dir):
-    import json
     import socket
     import subprocess
     import sys
