@@ -177,8 +177,9 @@ def _as_api_error(e: Exception) -> APIError:
 class KeyCheck:
     """ASGI middleware: 401 unless 'Authorization: Bearer KEY'. /health stays open (as in vLLM)
     so load balancers can probe without the key, and so does the playground page at / (static;
-    it asks for the key and sends it with its API calls). Plain ASGI, not Starlette's BaseHTTPMiddleware,
-    which hides a client's disconnect from the endpoint (its batch row would run on)."""
+    it asks for the key and sends it with its API calls). Plain ASGI, not Starlette's
+    BaseHTTPMiddleware, which hides a client's disconnect from the endpoint (its batch row would
+    run on)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
