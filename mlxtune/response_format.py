@@ -67,6 +67,8 @@ def check_schema(schema: dict, where: str) -> None:
     except SchemaError as e:
         path = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in e.path)
         raise MlxtuneError(f"{where}{path}: {e.message}") from None
+    except RecursionError:  # the validator recurses per level; the body parser allows ~1000
+        raise MlxtuneError(f"{where}: nested too deeply to check") from None
 
 
 def read_response_format(path: Path) -> dict:

@@ -24,6 +24,13 @@ PERSON_FORMAT = {"type": "json_schema",
 HI = [{"role": "user", "content": "quick brown fox"}]
 
 
+def _nested(depth: int) -> dict:
+    schema = {"type": "array"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 @pytest.mark.parametrize("value, problem", [
     ("json", "response_format must be an object"),
     ({"type": "xml"}, "response_format.type must be 'text', 'json_object' or 'json_schema'"),
@@ -42,6 +49,9 @@ HI = [{"role": "user", "content": "quick brown fox"}]
      "schema['properties']['age']['minimum']: '0' is not of type 'number'"),
     ({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "format": 1}},
      "json_schema: unknown key 'format'"),
+    # Deeper than the checker recurses (the body parser allows ~1000 levels): a 400, not a 500.
+    ({"type": "json_schema", "json_schema": {"name": "p", "schema": _nested(400)}},
+     "response_format.json_schema.schema: nested too deeply to check"),
 ])
 def test_a_bad_response_format_names_its_problem(value, problem):
     with pytest.raises(MlxtuneError) as e:
