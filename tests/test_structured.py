@@ -123,6 +123,17 @@ def test_the_mask_follows_the_grammar_and_allows_the_end_only_when_complete(toke
     assert vocab > len(tokenizer.vocab)
 
 
+def test_a_dead_end_ends_the_row_instead_of_sampling_from_nothing(tokenizer, tiny_qmodel_dir):
+    from mlxtune.serve.structured import grammar_mask
+
+    vocab = json.loads((tiny_qmodel_dir / "config.json").read_text())["vocab_size"]
+    mask = grammar_mask(tokenizer, vocab, {"type": "object"})
+    x_token = tokenizer.encode("x", add_special_tokens=False)[0]
+    assert not mask.matcher.consume_token(x_token)  # the engine is now in its error state
+    allowed = mask.allowed()
+    assert [i for i, a in enumerate(allowed) if a] == sorted(tokenizer.eos_token_ids)
+
+
 def test_a_schema_the_engine_cannot_enforce_is_refused(tokenizer, tiny_qmodel_dir):
     from mlxtune.serve.structured import grammar_mask
 

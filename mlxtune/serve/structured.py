@@ -86,4 +86,8 @@ class GrammarMask:
         # llguidance allows the end once the answer is complete; say so for every EOS id the
         # model may use (chat models often have two), and never before.
         allowed[self.eos_ids] = self.matcher.is_accepting()
+        if not allowed.any():
+            # A dead end (the engine in an error state): sampling from all -inf would pick an
+            # arbitrary token and fail the whole batch; end this row instead.
+            allowed[self.eos_ids] = True
         return allowed
