@@ -64,6 +64,7 @@ def test_no_ui_serves_no_page(tiny_qmodel_dir):
         srv.close()
 
 
+@pytest.mark.numerics  # compares greedy answers of the random base, streamed and whole
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh "
                     "installs Debian's chromium when run as root with apt)")
 def test_two_panes_stream_their_own_models_answers_in_chromium(server, tiny_qmodel_dir):
