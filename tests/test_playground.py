@@ -119,7 +119,7 @@ def test_two_panes_stream_their_own_models_answers_in_chromium(server, tiny_qmod
             page.click("#format-box summary")
             page.check("input[name=format][value=json_schema]")
             page.fill("#schema", json.dumps(SMALL))
-            page.fill("#max-tokens", "60")
+            page.fill("#max-tokens", "200")
             page.fill("#prompt", "lazy dog")
             page.click("#send")
             for pane in ("#pane-a", "#pane-b"):

@@ -152,7 +152,9 @@ def tiny_server(tiny_qmodel_dir):
 
 
 def _chat(client, model, **kw):
-    kw = {"temperature": 0, "max_tokens": 120, "messages": HI, **kw}
+    # Room for the longest answer PERSON allows even when every character is a \uXXXX escape
+    # spelt a byte a token (2 x 12 x 6 + ~20): a constrained answer always ends on its own.
+    kw = {"temperature": 0, "max_tokens": 400, "messages": HI, **kw}
     return client.chat.completions.create(model=model, **kw)
 
 
@@ -176,11 +178,11 @@ def test_the_tiny_model_answers_valid_json_only_when_asked(tiny_server, tiny_qmo
             assert isinstance(json.loads(r.message.content), dict)
     # /v1/completions takes it too, and a stream carries the same valid answer.
     whole = client.completions.create(model=model, prompt="quick brown fox", temperature=0,
-                                      max_tokens=120, extra_body={"response_format":
+                                      max_tokens=400, extra_body={"response_format":
                                                                   PERSON_FORMAT})
     jsonschema.validate(json.loads(whole.choices[0].text), PERSON)
     streamed = client.completions.create(model=model, prompt="quick brown fox", temperature=0,
-                                         max_tokens=120, stream=True,
+                                         max_tokens=400, stream=True,
                                          extra_body={"response_format": PERSON_FORMAT})
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
 
@@ -248,7 +250,7 @@ def test_the_builtin_model_answers_20_valid_people_only_with_the_schema(builtin_
                      "this person's name, age and city."}] for n, a, c in PEOPLE]
 
         def ask(messages, **kw):
-            return _chat(client, model, messages=messages, max_tokens=80, **kw).choices[0]
+            return _chat(client, model, messages=messages, max_tokens=200, **kw).choices[0]
 
         with ThreadPoolExecutor(8) as pool:
             constrained = list(pool.map(lambda m: ask(m, response_format=PERSON_FORMAT),
@@ -297,7 +299,7 @@ def test_eval_sends_the_response_format_with_every_request(tiny_server, tiny_qmo
     data, url, model = _people_data(tmp_path), tiny_server.base + "/v1", str(tiny_qmodel_dir)
     runs = {}
     for name, fmt in (("with", schema), ("without", None)):
-        run_eval(data, tmp_path / name, model, url=url, metrics="json", max_tokens=120,
+        run_eval(data, tmp_path / name, model, url=url, metrics="json", max_tokens=400,
                  response_format=fmt)
         rows = [json.loads(line) for line in (tmp_path / name / "results.jsonl").open()]
         runs[name] = [r["answer"] for r in rows]
