@@ -197,6 +197,10 @@ def eval_(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="API key (default: "
                                           "$OPENAI_API_KEY, else none)."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted eval in --out."),
+    response_format: Optional[Path] = typer.Option(None, "--response-format", help="JSON file: "
+                                                   "a JSON Schema (or a whole OpenAI "
+                                                   "response_format) sent with every request "
+                                                   "(needs --url)."),
 ) -> None:
     """Answer the test prompts with a server or a local model, score them, compare two models."""
     from mlxtune.evaluate.run import run_eval
@@ -204,7 +208,7 @@ def eval_(
     summary = run_eval(data, out, model, url=url, adapter=adapter, compare=compare,
                        metrics=metrics, limit=limit, concurrency=concurrency,
                        max_tokens=max_tokens, timeout=timeout, retries=retries, api_key=api_key,
-                       resume=resume)
+                       resume=resume, response_format=response_format)
     _table(*reversed(summary.table()))
     print(f"results in {out}: {summary.written}")
 
@@ -257,12 +261,14 @@ def serve(
                                   "together."),
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests that may wait beyond "
                                   "the running batch; more get 429 with Retry-After."),
+    no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the playground page at /."),
 ) -> None:
-    """Serve a base model and its adapters with an OpenAI-compatible HTTP API."""
+    """Serve a base model and its adapters with an OpenAI-compatible HTTP API (and a playground
+    page at / to chat with two of them side by side)."""
     from mlxtune.serve import serve as run_server
 
     run_server(model, adapters, run, fuse_run, host, port, api_key, max_loras, max_lora_rank,
-               max_batch, max_queue)
+               max_batch, max_queue, ui=not no_ui)
 
 
 @app.command()

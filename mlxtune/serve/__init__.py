@@ -73,15 +73,19 @@ def build_registry(model: str | None = None, adapters: list[str] = (), run: Path
 def serve(model: str | None = None, adapters: list[str] = (), run: Path | None = None,
           fuse: bool = False, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, max_loras: int = 4, max_lora_rank: int = 64,
-          max_batch: int = 8, max_queue: int = 64, say=print) -> None:
-    """Serve until interrupted: check the port first, then load, then listen."""
+          max_batch: int = 8, max_queue: int = 64, ui: bool = True, say=print) -> None:
+    """Serve until interrupted: check the port first, then load, then listen; the playground
+    page at / unless `ui` is False."""
     import uvicorn
 
     from mlxtune.serve.app import create_app
 
     sock = bind_socket(host, port)  # before loading anything: a taken port fails in a second
     registry = build_registry(model, adapters, run, fuse, max_loras, max_lora_rank, say)
-    app = create_app(registry, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
-    say(json.dumps({"serving": registry.names(), "url": f"http://{host}:{port}/v1"}))
+    app = create_app(registry, api_key=api_key, max_batch=max_batch, max_queue=max_queue, ui=ui)
+    where = {"url": f"http://{host}:{port}/v1"}
+    if ui:
+        where["playground"] = f"http://{host}:{port}/"
+    say(json.dumps({"serving": registry.names(), **where}))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlxtune.serve.generation import Generator, Job
+from mlxtune.serve.playground import add_playground
 from mlxtune.serve.registry import AdapterError, AdapterRegistry
 from mlxtune.serve.requests import (CHAT_FIELDS, COMPLETION_FIELDS, MAX_BODY_BYTES, APIError,
                                     check_body_size, check_fields, completion_prompts, make_job,
@@ -33,9 +34,10 @@ def _error(status: int, message: str, type_="invalid_request_error", param=None,
 
 
 def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64) -> FastAPI:
+               max_queue: int = 64, ui: bool = True) -> FastAPI:
     """The FastAPI app serving `registry`'s base model and adapters (one generation worker);
-    past `max_batch` + `max_queue` requests in progress, new ones get 429 with Retry-After."""
+    past `max_batch` + `max_queue` requests in progress, new ones get 429 with Retry-After;
+    the playground page at / unless `ui` is False."""
     app = FastAPI(title="mlxtune serve", docs_url=None, redoc_url=None, openapi_url=None)
     generator = Generator(registry, max_batch=max_batch)
     app.state.registry, app.state.generator = registry, generator
@@ -43,6 +45,8 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
 
     if api_key is not None:
         app.add_middleware(KeyCheck, api_key=api_key)
+    if ui:
+        add_playground(app)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -172,14 +176,16 @@ def _as_api_error(e: Exception) -> APIError:
 
 class KeyCheck:
     """ASGI middleware: 401 unless 'Authorization: Bearer KEY'. /health stays open (as in vLLM)
-    so load balancers can probe without the key. Plain ASGI, not Starlette's BaseHTTPMiddleware,
-    which hides a client's disconnect from the endpoint (its batch row would run on)."""
+    so load balancers can probe without the key, and so does the playground page at / (static;
+    it asks for the key and sends it with its API calls). Plain ASGI, not Starlette's
+    BaseHTTPMiddleware, which hides a client's disconnect from the endpoint (its batch row would
+    run on)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health":
+        if scope["type"] == "http" and scope["path"] not in ("/health", "/"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 response = _error(401, "missing or wrong API key: send 'Authorization: Bearer "

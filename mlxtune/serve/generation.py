@@ -34,6 +34,8 @@ class Job:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # mlx-lm logits processors for this row alone (response_format's grammar mask).
+    logits_processors: list = field(default_factory=list)
     # Called from the worker thread with ("text", str), ("done", finish_reason, n_tokens) or
     # ("error", exception); the HTTP layer hands them to its event loop.
     emit: object = None
@@ -145,6 +147,7 @@ class Generator:
                 max_tokens=[j.max_tokens for j in batch],
                 samplers=[make_sampler(j.temperature, j.top_p if j.top_p < 1.0 else 0.0)
                           for j in batch],
+                logits_processors=[j.logits_processors for j in batch],
                 stop_sequences=[stops] * len(batch))
             for uid, j in zip(uids, batch):
                 j.detokenizer = tok.detokenizer

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+from mlxtune.errors import MlxtuneError
+from mlxtune.response_format import check_response_format
 from mlxtune.serve.generation import Job
 from mlxtune.serve.registry import AdapterRegistry
 
@@ -16,13 +18,13 @@ MAX_BODY_BYTES = 4 << 20  # a long prompt is well under this; beyond it, 413 bef
 # Fields that change nothing here whatever their value (identifiers, bookkeeping).
 _PASSIVE = {"user", "metadata", "store", "service_tier"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "n", "seed", "stream",
-           "stream_options"} | _PASSIVE
+           "stream_options", "response_format"} | _PASSIVE
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = _COMMON | {"prompt"}
 # Fields clients often send at their neutral value: accepted at that value, refused otherwise.
 _NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False, None),
             "top_logprobs": (None, 0), "logit_bias": ({},), "echo": (False,), "best_of": (1,),
-            "suffix": (None, ""), "response_format": ({"type": "text"},),
+            "suffix": (None, ""),
             "parallel_tool_calls": (True, False), "tool_choice": ("none",), "tools": ([],),
             "n": (1, None)}
 
@@ -138,4 +140,22 @@ def make_job(registry: AdapterRegistry, body: dict, prompt: list[int]) -> Job:
                # Clipped, not refused, to the room left in the context (finish_reason "length").
                max_tokens=min(max_tokens, context - len(prompt)),
                temperature=number(body, "temperature", 1.0, 0.0, 2.0),
-               top_p=number(body, "top_p", 1.0, 0.0, 1.0), seed=seed, stop=stop)
+               top_p=number(body, "top_p", 1.0, 0.0, 1.0), seed=seed, stop=stop,
+               logits_processors=response_processors(registry, body.get("response_format")))
+
+
+def response_processors(registry: AdapterRegistry, response_format) -> list:
+    """The logits processors one row needs for `response_format` (none for plain text)."""
+    if response_format is None:
+        return []
+    from mlxtune.serve.structured import grammar_mask
+
+    try:
+        schema = check_response_format(response_format)
+        if schema is None:
+            return []
+        vocab = registry.config.get("vocab_size") or len(registry.tokenizer.vocab)
+        return [grammar_mask(registry.tokenizer, vocab, schema)]
+    except MlxtuneError as e:
+        raise APIError(400, str(e), param="response_format",
+                       code="invalid_response_format") from None
