@@ -153,8 +153,9 @@ def test_seeded_request_keeps_its_stream_amid_other_requests(mixed, tiny_qmodel_
 
 
 def test_first_token_is_sent_right_after_prefill(mixed, monkeypatch):
-    """Two model calls before the first text: the prompt, then its last token (whose logits
-    give the first token); not a third, the decode step that BatchGenerator returns it after."""
+    """One model call before the first text, the whole prompt's (BatchGenerator alone makes
+    three: the prompt less its last token, the last token, then the decode step it returns the
+    first token after)."""
     from mlxtune.serve.generation import Job
     from mlxtune.serve.rows import MixedModel
 
@@ -175,7 +176,21 @@ def test_first_token_is_sent_right_after_prefill(mixed, monkeypatch):
     job = generator.submit(Job(model="fox-bot", prompt=prompt, max_tokens=6, emit=emit))
     assert first.wait(60)
     job.cancelled = True
-    assert events == [2]
+    assert events == [1]
+
+
+def test_prefix_cache_is_kept_per_adapter_in_the_mixed_batch(mixed):
+    client = mixed.client(key="none")
+    prefix = mixed.server.config.app.state.generator.prefix
+    question = [{"role": "user", "content": "alpha capital fox brown"}]
+    first = _ask(client, "json-bot", messages=question).choices[0].message.content
+    hits = prefix.hits
+    other = _ask(client, "fox-bot", messages=question).choices[0].message.content
+    assert prefix.hits == hits  # json-bot's KV entries are not fox-bot's
+    again = _ask(client, "json-bot", messages=question).choices[0].message.content
+    assert prefix.hits == hits + 1
+    assert first == again and first.startswith(ALL["json-bot"])
+    assert other.startswith(ALL["fox-bot"])
 
 
 def test_adapter_scale_zero_is_the_base_and_one_the_adapter(mixed, tiny_qmodel_dir):

@@ -8,8 +8,9 @@ A request waits only while the batch is full or while every adapter slot is held
 and its own adapter is not resident (then strictly in arrival order, so it cannot starve).
 
 A request that starts like an earlier one on the same adapter (the same system prompt, the
-previous turns of a chat) prefills only what is new (prefix_cache.py). Its first token goes to
-the client as soon as the prefill has produced it, not after the next decode step.
+previous turns of a chat) prefills only what is new (prefix_cache.py). The worker prefills a new
+request itself, in one forward pass, and sends the first token it gives at once; the row then
+joins the decode batch with that token as its input.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import mlx.core as mx
 from mlxtune.serve.prefix_cache import PrefixCache
 from mlxtune.serve.registry import AdapterRegistry
 from mlxtune.serve.rows import MixedModel, RowTag, seeded_sampler
+
+_PREFILL_STEP = 2048  # prompt tokens per forward pass (mlx-lm's prefill_step_size)
 
 
 @dataclass
@@ -53,7 +56,6 @@ class Job:
     tokens: int = 0
     detokenizer: object = None
     logprobs: list = field(default_factory=list)  # entries not yet sent
-    early: int | None = None  # the first token, sent before BatchGenerator returns it
     last: float | None = None  # when the previous token was sent
     adapter: object = None
     cache_key: str = ""
@@ -162,34 +164,74 @@ class Generator:
             self._insert(jobs)
 
     def _insert(self, jobs: list[tuple[Job, int]]) -> None:
+        """Prefill each job, send its first token, and add the ones that go on to the batch."""
         from mlx_lm.generate import StopSequences
+
+        stops = StopSequences([[t] for t in sorted(self.registry.tokenizer.eos_token_ids)])
+        rows = []
+        for job, slot in jobs:
+            try:
+                row = self._prefill(job, slot)
+            except Exception as e:  # a bug in one prefill fails that request only
+                job.emit(("error", e))
+                row = None
+            if row is None:
+                self.registry.release(job.adapter)
+            else:
+                rows.append(row)
+        if not rows:
+            return
+        uids = self.batch.insert([[r[1]] for r in rows], caches=[r[2] for r in rows],
+                                 all_tokens=[list(r[0].prompt) for r in rows],
+                                 max_tokens=[r[0].max_tokens - 1 for r in rows],
+                                 samplers=[r[3] for r in rows],
+                                 logits_processors=[r[0].logits_processors for r in rows],
+                                 stop_sequences=[stops] * len(rows))
+        for uid, row in zip(uids, rows):
+            self.running[uid] = row[0]
+
+    def _prefill(self, job: Job, slot: int):
+        """Run `job`'s prompt (what the prefix cache lacks) and send its first token at once;
+        (job, first token, tagged cache, sampler) to go on with, or None when it is done.
+
+        BatchGenerator would feed the prompt less its last token, then the last token, and hand
+        the first answer token back one decode step of the whole batch after computing it (it
+        overlaps each step with reading the previous one): three model calls before the first
+        token instead of this one."""
         from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
-        tok = self.registry.tokenizer
-        stops = StopSequences([[t] for t in sorted(tok.eos_token_ids)])
-        prompts, caches = [], []
-        for job, slot in jobs:
-            cache, rest = self.prefix.fetch(job.cache_key, job.prompt)
-            cache = cache or make_prompt_cache(self.registry.model)
-            prompts.append(rest)
-            caches.append([*cache, RowTag([slot], [job.adapter_scale])])
-        top_p = [j.top_p if j.top_p < 1.0 else 0.0 for j, _ in jobs]
-        samplers = [make_sampler(j.temperature, p) if j.seed is None else
-                    seeded_sampler(j.temperature, p, j.seed) for (j, _), p in zip(jobs, top_p)]
-        uids = self.batch.insert(prompts, caches=caches,
-                                 max_tokens=[j.max_tokens for j, _ in jobs], samplers=samplers,
-                                 logits_processors=[j.logits_processors for j, _ in jobs],
-                                 stop_sequences=[stops] * len(jobs))
-        for uid, (job, _) in zip(uids, jobs):
-            job.detokenizer = tok.detokenizer
-            self.running[uid] = job
+        model = self.batch.model
+        top_p = job.top_p if job.top_p < 1.0 else 0.0
+        sampler = make_sampler(job.temperature, top_p) if job.seed is None else \
+            seeded_sampler(job.temperature, top_p, job.seed)
+        cache, rest = self.prefix.fetch(job.cache_key, job.prompt)
+        cache = cache or make_prompt_cache(self.registry.model)
+        tagged = [*cache, RowTag([slot], [job.adapter_scale])]
+        tokens = mx.array(rest)[None]
+        while tokens.shape[1] > _PREFILL_STEP:  # long prompts in pieces, as mlx-lm does
+            model(tokens[:, :_PREFILL_STEP], cache=tagged)
+            mx.eval([c.state for c in cache])
+            tokens = tokens[:, _PREFILL_STEP:]
+        logits = model(tokens, cache=tagged)[:, -1, :]
+        for processor in job.logits_processors:
+            logits = processor(mx.array(job.prompt, dtype=mx.int32), logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        first = sampler(logprobs)
+        mx.eval(first, logprobs)
+        first = first.item()
+        job.detokenizer = self.registry.tokenizer.detokenizer
+        finish = "stop" if first in self.registry.tokenizer.eos_token_ids else \
+            "length" if job.max_tokens <= 1 else None
+        if self._advance(job, first, finish, logprobs[0]):
+            self.prefix.store(job.cache_key, job.prompt, cache)
+            return None
+        return job, first, tagged, sampler
 
     def _step(self) -> None:
         try:
-            prompt_responses, responses = self.batch.next()
+            _, responses = self.batch.next()
             finished = [uid for uid, j in self.running.items() if j.cancelled]
-            finished += self._send_first_tokens(prompt_responses)
             for r in responses:
                 job = self.running.get(r.uid)
                 if job is None or job.cancelled:
@@ -197,9 +239,7 @@ class Generator:
                 if r.finish_reason is not None and r.prompt_cache:
                     # The row's tag (last) is not part of the KV entries kept for reuse.
                     self.prefix.store(job.cache_key, job.prompt, r.prompt_cache[:-1])
-                token = r.token if job.early is None else None  # sent right after prefill
-                job.early = None
-                if self._advance(job, token, r.finish_reason, r.logprobs):
+                if self._advance(job, r.token, r.finish_reason, r.logprobs):
                     finished.append(r.uid)
         except Exception as e:  # a bug in a step fails the batch's requests, not the server
             for j in self.running.values():
@@ -221,29 +261,9 @@ class Generator:
             # Rows that ended on their own have left the batch already; remove skips them.
             self.batch.remove(uids)
 
-    def _send_first_tokens(self, prompt_responses) -> list[int]:
-        """Send each row's first token as soon as its prefill has made it. BatchGenerator hands
-        a token back one decode step after computing it (it overlaps the next step with reading
-        this one); a new row's first token would wait for a whole step of the batch."""
-        eos = self.registry.tokenizer.eos_token_ids
-        rows = self.batch._generation_batch  # noqa: SLF001 (mlx-lm 0.32's decode batch)
-        index = {uid: i for i, uid in enumerate(rows.uids)}
-        finished = []
-        for p in prompt_responses:
-            job = self.running.get(p.uid)
-            if not p.end_of_prompt or job is None or job.max_tokens < 2 or p.uid not in index:
-                continue
-            token = rows._next_tokens[index[p.uid]].item()  # noqa: SLF001
-            if token in eos:
-                continue  # the step reports it with its finish reason; nothing to send early
-            job.early = token
-            if self._advance(job, token, None, rows._next_logprobs[index[p.uid]]):  # noqa: SLF001
-                finished.append(p.uid)
-        return finished
-
-    def _advance(self, job: Job, token: int | None, finish: str | None, logprobs) -> bool:
+    def _advance(self, job: Job, token: int, finish: str | None, logprobs) -> bool:
         """Add one token to `job`, emit the text that is safe to send; True when it is done."""
-        if token is not None and finish != "stop":  # the end token is not part of the answer
+        if finish != "stop":  # the end-of-sequence token is not part of the answer
             job.tokens += 1
             job.detokenizer.add_token(token)
             if job.top_logprobs is not None:
