@@ -182,15 +182,21 @@ def test_first_token_is_sent_right_after_prefill(mixed, monkeypatch):
 def test_prefix_cache_is_kept_per_adapter_in_the_mixed_batch(mixed):
     client = mixed.client(key="none")
     prefix = mixed.server.config.app.state.generator.prefix
-    question = [{"role": "user", "content": "alpha capital fox brown"}]
-    first = _ask(client, "json-bot", messages=question).choices[0].message.content
+    # No other test's prompt starts like this one (the prefix cache reuses 4 tokens or more).
+    prompt = "bravo capital dog brown lazy France"
+
+    def ask(model):
+        return client.completions.create(model=model, prompt=prompt, max_tokens=6,
+                                         temperature=0).choices[0].text
+
+    first = ask("json-bot")
     hits = prefix.hits
-    other = _ask(client, "fox-bot", messages=question).choices[0].message.content
+    other = ask("fox-bot")
     assert prefix.hits == hits  # json-bot's KV entries are not fox-bot's
-    again = _ask(client, "json-bot", messages=question).choices[0].message.content
-    assert prefix.hits == hits + 1
-    assert first == again and first.startswith(ALL["json-bot"])
-    assert other.startswith(ALL["fox-bot"])
+    again = ask("json-bot")
+    assert prefix.hits == hits + 1 and first == again
+    assert other == ask("fox-bot") and prefix.hits == hits + 2
+    assert other != first
 
 
 def test_adapter_scale_zero_is_the_base_and_one_the_adapter(mixed, tiny_qmodel_dir):
@@ -293,3 +299,43 @@ def test_a_pinned_adapter_keeps_its_slot_until_its_rows_finish(four, tiny_qmodel
     assert slot == 1 and registry.by_slot[1] is fox
     assert {a["name"]: a["tier"] for a in registry.describe()} == {"fox-bot": "resident"}
     registry.release(fox)
+
+
+def test_dora_rows_get_their_magnitude_factor_in_a_mixed_pass(four, tiny_qmodel_dir, tmp_path):
+    """A DoRA adapter (json-bot's pair with a magnitude vector) beside a LoRA one and the base:
+    in one forward pass each row gives the logits it gives alone."""
+    import json
+    import shutil
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlxtune.serve.rows import MixedModel, RowTag
+
+    dora = tmp_path / "dora"
+    shutil.copytree(four["json-bot"], dora)
+    weights = mx.load(str(dora / "adapters.safetensors"))
+    for key in [k for k in weights if k.endswith(".lora_b")]:
+        out = weights[key].shape[1]
+        weights[key[: -len(".lora_b")] + ".m"] = mx.random.uniform(0.5, 1.5, (out,),
+                                                                    key=mx.random.key(0))
+    mx.save_safetensors(str(dora / "adapters.safetensors"), weights)
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "fine_tune_type": "dora"}))
+    registry = _registry(tiny_qmodel_dir, {"dora-bot": dora, "fox-bot": four["fox-bot"]},
+                         max_loras=2)
+    assert registry.adapters["dora-bot"].kind == "dora"
+    model = MixedModel(registry.model, registry.selection)
+    slots = [registry.acquire(n)[1] for n in (registry.name, "dora-bot", "fox-bot")]
+    tokens = mx.array([registry.tokenizer.encode("quick brown fox")] * 3)
+
+    def logits(rows, idx):
+        cache = [*make_prompt_cache(registry.model), RowTag([slots[i] for i in idx],
+                                                            [1.0] * len(idx))]
+        return model(rows, cache=cache)[:, -1].astype(mx.float32)
+
+    together = logits(tokens, range(3))
+    alone = [logits(tokens[i:i + 1], [i])[0] for i in range(3)]
+    for i in range(3):
+        assert mx.allclose(together[i], alone[i], atol=1e-3, rtol=1e-3).item(), i
+    assert registry.selection.stacks  # stacked with a factor for the DoRA layer
+    assert any(s[2] is not None for s in registry.selection.stacks.values())

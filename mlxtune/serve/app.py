@@ -78,9 +78,13 @@ class Service:
         """`fn(*args)` run on the generation worker between steps, awaited."""
         return await asyncio.wrap_future(self.generator.call(fn, *args))
 
-    async def complete(self, request: Request, body: dict, prompts: list[list[int]], chat: bool):
-        """Run one completion request (one job per prompt); the whole reply or its stream."""
+    async def complete(self, request: Request, body: dict, prompts: list[list[int]], chat: bool,
+                       arrived: float):
+        """Run one completion request (one job per prompt) that arrived at `arrived`
+        (perf_counter); the whole reply or its stream."""
         jobs = [make_job(self.registry, body, p, chat=chat) for p in prompts]
+        for job in jobs:
+            job.arrived = arrived  # time to first token counts the parsing and the template
         self.admit(len(jobs))
         reply = Reply(chat, jobs[0].model, self.registry.tokenizer,
                       logprobs=jobs[0].top_logprobs is not None)
@@ -185,6 +189,7 @@ def _add_completion_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        arrived = time.perf_counter()
         body = await _json(request)
         check_fields(body, CHAT_FIELDS)
         messages = body.get("messages")
@@ -192,17 +197,19 @@ def _add_completion_routes(app: FastAPI, service: Service) -> None:
                 not all(isinstance(m, dict) and "role" in m for m in messages):
             raise APIError(400, "'messages' must be a non-empty list of {role, content} objects",
                            param="messages")
-        return await service.complete(request, body, [_chat_prompt(tokenizer, messages)], True)
+        return await service.complete(request, body, [_chat_prompt(tokenizer, messages)], True,
+                                      arrived)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        arrived = time.perf_counter()
         body = await _json(request)
         check_fields(body, COMPLETION_FIELDS)
         prompts = completion_prompts(body.get("prompt"), lambda text: _encode(tokenizer, text))
         if body.get("stream") and len(prompts) > 1:
             raise APIError(400, "streaming takes one prompt; send the others as their own "
                            "requests", param="prompt")
-        return await service.complete(request, body, prompts, False)
+        return await service.complete(request, body, prompts, False, arrived)
 
 
 def _as_api_error(e: Exception) -> APIError:

@@ -70,6 +70,7 @@ class Generator:
         self.waiting: deque[Job] = deque()
         self.running: dict[int, Job] = {}
         self.prefix = PrefixCache()
+        self.samplers: dict = {}
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="mlxtune-generate", daemon=True)
         self.thread.start()
@@ -203,8 +204,13 @@ class Generator:
 
         model = self.batch.model
         top_p = job.top_p if job.top_p < 1.0 else 0.0
-        sampler = make_sampler(job.temperature, top_p) if job.seed is None else \
-            seeded_sampler(job.temperature, top_p, job.seed)
+        if job.seed is None:
+            # One sampler object per setting: rows that share it are sampled in one batched call
+            # (BatchGenerator samples row by row when the samplers differ).
+            sampler = self.samplers.setdefault((job.temperature, top_p),
+                                               make_sampler(job.temperature, top_p))
+        else:
+            sampler = seeded_sampler(job.temperature, top_p, job.seed)
         cache, rest = self.prefix.fetch(job.cache_key, job.prompt)
         cache = cache or make_prompt_cache(self.registry.model)
         tagged = [*cache, RowTag([slot], [job.adapter_scale])]
