@@ -130,6 +130,8 @@ class AdapterRegistry:
 
         if max_loras < 1 or max_lora_rank < 1:
             raise MlxtuneError("--max-loras and --max-lora-rank must be at least 1")
+        if max_cpu_loras is not None and max_cpu_loras < 0:
+            raise MlxtuneError(f"--max-cpu-loras must be 0 or more; got {max_cpu_loras}")
         self.model_dir = resolve_model(model_name)
         self.name = served_name or model_name
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
