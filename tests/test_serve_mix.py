@@ -96,42 +96,50 @@ def test_one_forward_pass_computes_each_row_with_its_own_adapter(four, tiny_qmod
 
 
 def test_twelve_requests_over_base_and_three_adapters_share_one_batch(mixed, tiny_qmodel_dir):
+    """12 requests (base + 3 adapters, prompts of three lengths, none cached) arrive together:
+    one prefill pass and one decode batch hold them all, and each answer is the one it gets
+    alone."""
     client = mixed.client(key="none")
     names = [str(tiny_qmodel_dir), "json-bot", "fox-bot", "dog-bot"]
-    alone = {n: _ask(client, n).choices[0].message.content for n in names}
+    questions = ["quick brown fox", "lazy dog France alpha bravo capital", "alpha"]
+    order = [(names[i % 4], questions[i % 3]) for i in range(12)]  # every pair once
+    alone = {(n, q): _ask(client, n, [{"role": "user", "content": q}]).choices[0].message.content
+             for n, q in order}
     for n in names[1:]:
-        assert alone[n].startswith(ALL[n])
+        assert alone[(n, questions[0])].startswith(ALL[n])
     generator = mixed.server.config.app.state.generator
     seen = []
     point = mixed.registry.selection.point
 
     def spy(slots, scales):
-        seen.append(len(set(slots)))
+        seen.append((len(slots), len(set(slots))))
         point(slots, scales)
 
     gate = threading.Event()
-    mixed.registry.selection.point = spy
     held = generator.call(gate.wait, 60)  # all 12 arrive before the worker takes any
+    generator.call(generator.prefix.clear)  # every prompt prefills in full, at its own length
+    mixed.registry.selection.point = spy
 
     async def many():
         aclient = openai.AsyncOpenAI(base_url=mixed.base + "/v1", api_key="none",
                                      max_retries=0)
-        order = [names[i % 4] for i in range(12)]
         tasks = [asyncio.create_task(aclient.chat.completions.create(
-            model=n, messages=QUESTION, temperature=0, max_tokens=12)) for n in order]
-        while generator.queue_depth() < 12:  # all 12 wait behind the held call
+            model=n, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=12))
+            for n, q in order]
+        while generator.queue_depth() < 13:  # the 12 and the clear wait behind the held call
             await asyncio.sleep(0.02)
         gate.set()
-        return order, [r.choices[0].message.content for r in await asyncio.gather(*tasks)]
+        return [r.choices[0].message.content for r in await asyncio.gather(*tasks)]
 
     try:
-        order, texts = asyncio.run(many())
+        texts = asyncio.run(many())
     finally:
         gate.set()
         mixed.registry.selection.point = point
     held.result(timeout=60)
-    assert texts == [alone[n] for n in order]
-    assert max(seen) == 4  # a forward pass held rows of the base and all three adapters
+    assert texts == [alone[pair] for pair in order]
+    # The first call is the prefill of all 12 rows at once; decode steps hold all four too.
+    assert seen[0] == (12, 4) and seen.count((12, 4)) >= 2
 
 
 def test_seeded_request_keeps_its_stream_amid_other_requests(mixed, tiny_qmodel_dir):

@@ -165,23 +165,29 @@ class Generator:
             self._insert(jobs)
 
     def _insert(self, jobs: list[tuple[Job, int]]) -> None:
-        """Prefill each job, send its first token, and add the ones that go on to the batch."""
+        """Prefill the jobs, send each its first token, and add the ones that go on to the
+        batch (with that token as their next input)."""
         from mlx_lm.generate import StopSequences
 
-        stops = StopSequences([[t] for t in sorted(self.registry.tokenizer.eos_token_ids)])
+        try:
+            prefilled = self._prefill(jobs)
+        except Exception as e:  # a bug in a prefill fails these requests, not the server
+            prefilled = [e] * len(jobs)
         rows = []
-        for job, slot in jobs:
+        for (job, slot), done in zip(jobs, prefilled):
             try:
-                row = self._prefill(job, slot)
-            except Exception as e:  # a bug in one prefill fails that request only
-                job.emit(("error", e))
-                row = None
-            if row is None:
+                row = done if isinstance(done, Exception) else self._first_token(job, slot, *done)
+            except Exception as e:
+                row = e
+            if isinstance(row, Exception):
+                job.emit(("error", row))
+            if row is None or isinstance(row, Exception):
                 self.registry.release(job.adapter)
             else:
                 rows.append(row)
         if not rows:
             return
+        stops = StopSequences([[t] for t in sorted(self.registry.tokenizer.eos_token_ids)])
         uids = self.batch.insert([[r[1]] for r in rows], caches=[r[2] for r in rows],
                                  all_tokens=[list(r[0].prompt) for r in rows],
                                  max_tokens=[r[0].max_tokens - 1 for r in rows],
@@ -191,18 +197,55 @@ class Generator:
         for uid, row in zip(uids, rows):
             self.running[uid] = row[0]
 
-    def _prefill(self, job: Job, slot: int):
-        """Run `job`'s prompt (what the prefix cache lacks) and send its first token at once;
-        (job, first token, tagged cache, sampler) to go on with, or None when it is done.
+    def _prefill(self, jobs: list[tuple[Job, int]]) -> list[tuple[list, mx.array]]:
+        """(KV cache, last position's logits) of each job's prompt, computing only what the
+        prefix cache lacks: the jobs together in one forward pass where they fit one.
 
-        BatchGenerator would feed the prompt less its last token, then the last token, and hand
+        BatchGenerator would feed each prompt less its last token, then the last token, and hand
         the first answer token back one decode step of the whole batch after computing it (it
-        overlaps each step with reading the previous one): three model calls before the first
-        token instead of this one."""
+        overlaps each step with reading the previous one): three model calls, two of them behind
+        a decode step of the running rows, before a new request's first token instead of one."""
         from mlx_lm.models.cache import make_prompt_cache
+
+        fetched = [self.prefix.fetch(job.cache_key, job.prompt) for job, _ in jobs]
+        caches = [cache or make_prompt_cache(self.registry.model) for cache, _ in fetched]
+        rests = [rest for _, rest in fetched]
+        if len(jobs) == 1 or max(map(len, rests)) > _PREFILL_STEP or \
+                not all(hasattr(c, "merge") for c in caches[0]):
+            return [self._prefill_one(job, slot, cache, rest)
+                    for (job, slot), cache, rest in zip(jobs, caches, rests)]
+        lengths = [len(rest) for rest in rests]
+        pad = [max(lengths) - n for n in lengths]
+        # As mlx-lm's PromptProcessingBatch: right-padded prompts, the padding rolled to the
+        # left afterwards; the causal mask keeps each row's real tokens from seeing it.
+        merged = [layer[0].merge(list(layer)) for layer in zip(*caches)]
+        if max(pad):
+            for c in merged:
+                c.prepare(lengths=lengths, right_padding=pad)
+        tag = RowTag([slot for _, slot in jobs], [job.adapter_scale for job, _ in jobs])
+        tokens = mx.array([rest + [0] * p for rest, p in zip(rests, pad)])
+        logits = self.batch.model(tokens, cache=[*merged, tag])
+        last = logits[mx.arange(len(jobs)), mx.array(lengths) - 1]
+        if max(pad):
+            for c in merged:
+                c.finalize()
+        mx.eval(last, [c.state for c in merged])
+        return [([c.extract(i) for c in merged], last[i:i + 1]) for i in range(len(jobs))]
+
+    def _prefill_one(self, job: Job, slot: int, cache: list, rest: list[int]):
+        tagged = [*cache, RowTag([slot], [job.adapter_scale])]
+        tokens = mx.array(rest)[None]
+        while tokens.shape[1] > _PREFILL_STEP:  # long prompts in pieces, as mlx-lm does
+            self.batch.model(tokens[:, :_PREFILL_STEP], cache=tagged)
+            mx.eval([c.state for c in cache])
+            tokens = tokens[:, _PREFILL_STEP:]
+        return cache, self.batch.model(tokens, cache=tagged)[:, -1, :]
+
+    def _first_token(self, job: Job, slot: int, cache: list, logits: mx.array):
+        """Sample and send `job`'s first token from its prompt's `logits`; (job, token, tagged
+        cache, sampler) to go on with, or None when that token ends it."""
         from mlx_lm.sample_utils import make_sampler
 
-        model = self.batch.model
         top_p = job.top_p if job.top_p < 1.0 else 0.0
         if job.seed is None:
             # One sampler object per setting: rows that share it are sampled in one batched call
@@ -211,15 +254,6 @@ class Generator:
                                                make_sampler(job.temperature, top_p))
         else:
             sampler = seeded_sampler(job.temperature, top_p, job.seed)
-        cache, rest = self.prefix.fetch(job.cache_key, job.prompt)
-        cache = cache or make_prompt_cache(self.registry.model)
-        tagged = [*cache, RowTag([slot], [job.adapter_scale])]
-        tokens = mx.array(rest)[None]
-        while tokens.shape[1] > _PREFILL_STEP:  # long prompts in pieces, as mlx-lm does
-            model(tokens[:, :_PREFILL_STEP], cache=tagged)
-            mx.eval([c.state for c in cache])
-            tokens = tokens[:, _PREFILL_STEP:]
-        logits = model(tokens, cache=tagged)[:, -1, :]
         for processor in job.logits_processors:
             logits = processor(mx.array(job.prompt, dtype=mx.int32), logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -232,7 +266,7 @@ class Generator:
         if self._advance(job, first, finish, logprobs[0]):
             self.prefix.store(job.cache_key, job.prompt, cache)
             return None
-        return job, first, tagged, sampler
+        return job, first, [*cache, RowTag([slot], [job.adapter_scale])], sampler
 
     def _step(self) -> None:
         try:
