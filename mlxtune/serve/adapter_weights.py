@@ -51,10 +51,12 @@ def read_pairs(adapter, slots: dict, dtype, max_rank: int, model_name: str) -> d
     return pairs
 
 
-def stack_pairs(by_slot: dict, n_slots: int) -> dict:
-    """{layer path: (a [n_slots, in, R], b [n_slots, R, out], factor [n_slots, out] or None)}
-    over the layers any resident adapter has: slot i holds by_slot[i]'s pair (zeros where it
-    has none, and for the base's slot 0), rank zero-padded to the largest resident rank R."""
+def stack_pairs(by_slot: dict) -> dict:
+    """{layer path: (a [n, in, R], b [n, R, out], factor [n, out] or None)} over the layers
+    any resident adapter has, n the highest slot in use + 1: slot i holds by_slot[i]'s pair
+    (zeros where it has none, and for the base's slot 0), rank zero-padded to the largest
+    resident rank R."""
+    n_slots = max(by_slot, default=0) + 1
     layers: dict[str, list] = {}
     for slot, adapter in by_slot.items():
         for path, pair in adapter.device.items():

@@ -302,13 +302,13 @@ class AdapterRegistry:
         self.by_slot[adapter.slot] = adapter
         self.resident[adapter.name] = None
         self.resident.move_to_end(adapter.name)
-        self.selection.stacks = stack_pairs(self.by_slot, self.max_loras + 1)
+        self.selection.stacks = stack_pairs(self.by_slot)
         return True
 
     def _free_slot(self, adapter: Adapter) -> None:
         if adapter.slot is not None and self.by_slot.get(adapter.slot) is adapter:
             del self.by_slot[adapter.slot]
-            self.selection.stacks = stack_pairs(self.by_slot, self.max_loras + 1)
+            self.selection.stacks = stack_pairs(self.by_slot)
         if self.adapters.get(adapter.name) is adapter:
             self.resident.pop(adapter.name, None)
         adapter.slot = None
