@@ -8,9 +8,9 @@ A request waits only while the batch is full or while every adapter slot is held
 and its own adapter is not resident (then strictly in arrival order, so it cannot starve).
 
 A request that starts like an earlier one on the same adapter (the same system prompt, the
-previous turns of a chat) prefills only what is new (prefix_cache.py). The worker prefills a new
-request itself, in one forward pass, and sends the first token it gives at once; the row then
-joins the decode batch with that token as its input.
+previous turns of a chat) prefills only what is new (prefix_cache.py). The worker prefills new
+requests itself (those admitted together in one forward pass) and sends the first token that
+gives at once; each row then joins the decode batch with that token as its input.
 """
 
 from __future__ import annotations
