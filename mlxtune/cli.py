@@ -253,12 +253,15 @@ def serve(
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: "
                                           "Bearer KEY' on every /v1 request."),
-    max_loras: int = typer.Option(4, "--max-loras", help="Adapters kept resident; the least "
-                                  "recently used leave first."),
+    max_loras: int = typer.Option(4, "--max-loras", help="Adapters resident in the batch step "
+                                  "(stacked); the least recently used idle one leaves first."),
+    max_cpu_loras: Optional[int] = typer.Option(None, "--max-cpu-loras", min=0, help="More "
+                                                "adapters kept in host memory (default: "
+                                                "--max-loras); the rest reload from disk."),
     max_lora_rank: int = typer.Option(64, "--max-lora-rank", help="Refuse adapters of higher "
                                       "rank."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Requests for one adapter generated "
-                                  "together."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Requests generated together, whatever "
+                                  "adapter each asks for."),
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests that may wait beyond "
                                   "the running batch; more get 429 with Retry-After."),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the playground page at /."),
@@ -268,7 +271,7 @@ def serve(
     from mlxtune.serve import serve as run_server
 
     run_server(model, adapters, run, fuse_run, host, port, api_key, max_loras, max_lora_rank,
-               max_batch, max_queue, ui=not no_ui)
+               max_batch, max_queue, ui=not no_ui, max_cpu_loras=max_cpu_loras)
 
 
 @app.command()
