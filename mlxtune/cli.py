@@ -222,6 +222,10 @@ def eval_(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="API key (default: "
                                           "$OPENAI_API_KEY, else none)."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted eval in --out."),
+    response_format: Optional[Path] = typer.Option(None, "--response-format", help="JSON file: "
+                                                   "a JSON Schema (or a whole OpenAI "
+                                                   "response_format) sent with every request "
+                                                   "(needs --url)."),
 ) -> None:
     """Answer the test prompts with a server or a local model, score them, compare two models."""
     from mlxtune.evaluate.run import run_eval
@@ -229,7 +233,7 @@ def eval_(
     summary = run_eval(data, out, model, url=url, adapter=adapter, compare=compare,
                        metrics=metrics, limit=limit, concurrency=concurrency,
                        max_tokens=max_tokens, timeout=timeout, retries=retries, api_key=api_key,
-                       resume=resume)
+                       resume=resume, response_format=response_format)
     _table(*reversed(summary.table()))
     print(f"results in {out}: {summary.written}")
 
@@ -274,20 +278,25 @@ def serve(
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: "
                                           "Bearer KEY' on every /v1 request."),
-    max_loras: int = typer.Option(4, "--max-loras", help="Adapters kept resident; the least "
-                                  "recently used leave first."),
+    max_loras: int = typer.Option(4, "--max-loras", help="Adapters resident in the batch step "
+                                  "(stacked); the least recently used idle one leaves first."),
+    max_cpu_loras: Optional[int] = typer.Option(None, "--max-cpu-loras", min=0, help="More "
+                                                "adapters kept in host memory (default: "
+                                                "--max-loras); the rest reload from disk."),
     max_lora_rank: int = typer.Option(64, "--max-lora-rank", help="Refuse adapters of higher "
                                       "rank."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Requests for one adapter generated "
-                                  "together."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Requests generated together, whatever "
+                                  "adapter each asks for."),
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests that may wait beyond "
                                   "the running batch; more get 429 with Retry-After."),
+    no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the playground page at /."),
 ) -> None:
-    """Serve a base model and its adapters with an OpenAI-compatible HTTP API."""
+    """Serve a base model and its adapters with an OpenAI-compatible HTTP API (and a playground
+    page at / to chat with two of them side by side)."""
     from mlxtune.serve import serve as run_server
 
     run_server(model, adapters, run, fuse_run, host, port, api_key, max_loras, max_lora_rank,
-               max_batch, max_queue)
+               max_batch, max_queue, ui=not no_ui, max_cpu_loras=max_cpu_loras)
 
 
 @app.command()
@@ -304,7 +313,13 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     print(f"{'blas':>18}  {', '.join(report['blas']) or '(none found in this process)'}")
     fast = report["fast_blas"]
     print(f"{'fast blas':>18}  {fast['fast_blas']}; preloaded {fast['preloaded'] or 'nothing'}; "
-          f"core type {fast['coretype'] or 'auto'}; found {fast['found'] or 'none'}")
+          f"core type {fast['coretype'] or 'auto'}; candidates {', '.join(fast['found']) or 'none'}")
+    if fast["measured"]:
+        figures = ", ".join(f"{name} {m['gflops']}" if "gflops" in m else f"{name} failed"
+                            for name, m in fast["measured"].items())
+        print(f"{'blas pick':>18}  {fast['picked']} (measured on this CPU, GFLOP/s: {figures})")
+    else:
+        print(f"{'blas pick':>18}  not measured on this CPU: python -m mlxtune.blas --pick")
     print(f"{'cpu matmul':>18}  {report['cpu_matmul_gflops']} GFLOP/s (fp32, 1024x1024)")
     print(f"{'cpu kernels':>18}  {report['cpu_kernels']}")
     for line in report["advice"] or ["nothing to fix"]:

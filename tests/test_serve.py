@@ -252,8 +252,7 @@ def test_run_folder_serves_its_adapter_or_fuses_it_in_memory(runs):
 def test_every_field_works_or_is_refused_by_name(server):
     client = server.client()
     for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                         ("frequency_penalty", 0.5), ("logprobs", True), ("bogus", 1),
-                         ("response_format", {"type": "json_object"})]:
+                         ("frequency_penalty", 0.5), ("logit_bias", {"1": 5}), ("bogus", 1)]:
         status, body = server.raw("POST", "/v1/chat/completions",
                                   {"model": "json-bot", "messages": QUESTION, field: value})
         assert status == 400 and body["error"]["param"] == field, (field, body)

@@ -29,11 +29,15 @@ class ServerBackend:
     """A model behind an OpenAI-compatible HTTP API (mlxtune serve, mlx_lm.server, vLLM, ...)."""
 
     def __init__(self, url: str, model: str, api_key: str = "none", timeout: float = 120.0,
-                 retries: int = 3, max_tokens: int = 256, concurrency: int = 4):
+                 retries: int = 3, max_tokens: int = 256, concurrency: int = 4,
+                 response_format: dict | None = None):
         import openai
 
         self.url, self.model, self.label = url.rstrip("/"), model, model
         self.max_tokens, self.concurrency = max_tokens, max(1, concurrency)
+        # Sent with every request; the OpenAI client passes it only to chat, so completions get
+        # it through extra_body (mlxtune serve and vLLM read it on both).
+        self.extra = {"response_format": response_format} if response_format else {}
         self.client = openai.OpenAI(base_url=self.url, api_key=api_key, timeout=timeout,
                                     max_retries=retries)
         # The checks must fail fast on a dead server: no retries, a short timeout.
@@ -82,11 +86,12 @@ class ServerBackend:
             if example.messages is not None:
                 r = self.client.chat.completions.create(
                     model=self.model, messages=example.messages, temperature=0,
-                    max_tokens=self.max_tokens)
+                    max_tokens=self.max_tokens, extra_body=self.extra or None)
                 text = r.choices[0].message.content or ""
             else:
                 r = self.client.completions.create(model=self.model, prompt=example.text,
-                                                   temperature=0, max_tokens=self.max_tokens)
+                                                   temperature=0, max_tokens=self.max_tokens,
+                                                   extra_body=self.extra or None)
                 text = r.choices[0].text or ""
         except (openai.APIConnectionError, openai.NotFoundError) as e:
             # The server went away (after every retry) or stopped serving the model: stop here,

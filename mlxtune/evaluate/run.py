@@ -46,16 +46,20 @@ class Summary:
                                 [*self.scores, "perplexity", "latency_s", "tokens_per_s", "errors"])
 
 
-def _backends(model, url, adapter, compare, api_key, timeout, retries, max_tokens, concurrency):
+def _backends(model, url, adapter, compare, api_key, timeout, retries, max_tokens, concurrency,
+              response_format=None):
     if url:
         if adapter:
             raise MlxtuneError("--adapter is for a local model; a server picks adapters by "
                                "--model name")
         key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
         backends = {role: ServerBackend(url, name, key, timeout, retries, max_tokens,
-                                        concurrency)
+                                        concurrency, response_format)
                     for role, name in (("model", model), ("compare", compare)) if name}
     else:
+        if response_format:
+            raise MlxtuneError("--response-format is enforced by the server: use it with --url "
+                               "(e.g. mlxtune serve)")
         backends = {"model": LocalBackend(model, Path(adapter) if adapter else None, max_tokens)}
         if compare:
             backends["compare"] = LocalBackend(compare, None, max_tokens)
@@ -142,35 +146,9 @@ def summarize(rows: list[dict], backends: dict, scores: list[str], data: Path, o
     return summary
 
 
-def run_eval(data: Path, out: Path, model: str, *, url: str | None = None,
-             adapter: Path | None = None, compare: str | None = None, metrics: str | None = None,
-             limit: int | None = None, concurrency: int = 4, max_tokens: int = 256,
-             timeout: float = 120.0, retries: int = 3, api_key: str | None = None,
-             resume: bool = False) -> Summary:
-    """Answer, score and compare; writes out/results.jsonl, summary.json and report.html.
-    Preference pairs (prompt, chosen, rejected) are scored by log-probability instead."""
-    from mlxtune.evaluate.examples import find_test_file
-    from mlxtune.evaluate.preference import is_preference_file, run_preference_eval
-
-    if limit is not None and limit < 1:
-        raise MlxtuneError(f"--limit must be at least 1, got {limit}")
-    if is_preference_file(find_test_file(data)):
-        return run_preference_eval(find_test_file(data), out, model, url=url, adapter=adapter,
-                                   compare=compare, limit=limit)
-    names = M.parse_metrics(metrics)
-    scores = M.score_names(names)
-    if limit is not None and limit < 1:
-        raise MlxtuneError(f"--limit must be at least 1, got {limit}")
-    data_path, examples = read_examples(data, limit)
-    backends = _backends(model, url, adapter, compare, api_key, timeout, retries, max_tokens,
-                         concurrency)
-    for backend in backends.values():
-        backend.check()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    rows = _prior_results(results, resume, backends)
-    wanted = {ex.id for ex in examples}
+def _answer(backends: dict, examples: list, names: list, results: Path, rows: list) -> None:
+    """Ask each backend every example not yet in `rows`, appending each scored row to
+    `results` (and `rows`) as soon as it comes, so a killed eval loses at most one answer."""
     progress = ProgressBar("{task.description}", "bar", "count")
     try:
         with open(results, "a", encoding="utf-8") as f:
@@ -190,6 +168,43 @@ def run_eval(data: Path, out: Path, model: str, *, url: str | None = None,
                           "with --resume") from None
     finally:
         progress.close()
+
+
+def run_eval(data: Path, out: Path, model: str, *, url: str | None = None,
+             adapter: Path | None = None, compare: str | None = None, metrics: str | None = None,
+             limit: int | None = None, concurrency: int = 4, max_tokens: int = 256,
+             timeout: float = 120.0, retries: int = 3, api_key: str | None = None,
+             resume: bool = False, response_format: Path | None = None) -> Summary:
+    """Answer, score and compare; writes out/results.jsonl, summary.json and report.html.
+    Preference pairs (prompt, chosen, rejected) are scored by log-probability instead.
+    `response_format`: a JSON file (a JSON Schema or a whole response_format) sent with every
+    request."""
+    from mlxtune.evaluate.examples import find_test_file
+    from mlxtune.evaluate.preference import is_preference_file, run_preference_eval
+    from mlxtune.response_format import read_response_format
+
+    if limit is not None and limit < 1:
+        raise MlxtuneError(f"--limit must be at least 1, got {limit}")
+    fmt = read_response_format(response_format) if response_format is not None else None
+    if is_preference_file(find_test_file(data)):
+        if fmt is not None:
+            raise MlxtuneError("--response-format is for generated answers; preference pairs "
+                               "are scored by log-probability")
+        return run_preference_eval(find_test_file(data), out, model, url=url, adapter=adapter,
+                                   compare=compare, limit=limit)
+    names = M.parse_metrics(metrics)
+    scores = M.score_names(names)
+    data_path, examples = read_examples(data, limit)
+    backends = _backends(model, url, adapter, compare, api_key, timeout, retries, max_tokens,
+                         concurrency, fmt)
+    for backend in backends.values():
+        backend.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    rows = _prior_results(results, resume, backends)
+    wanted = {ex.id for ex in examples}
+    _answer(backends, examples, names, results, rows)
     perplexity = {role: b.perplexity(examples) for role, b in backends.items()
                   if isinstance(b, LocalBackend)}
     rows = [r for r in rows if r["id"] in wanted]
