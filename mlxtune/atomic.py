@@ -122,6 +122,15 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
 
 
+def remove_folder(path: Path) -> None:
+    """Delete folder `path` so that it is never seen half-deleted: it is first renamed to a temp
+    name (one step), then removed; a kill in between leaves a temp folder the next writer removes."""
+    path = Path(path)
+    doomed = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _sync_tree(folder: Path) -> None:
     for file in folder.rglob("*"):
         if file.is_file():

@@ -2,8 +2,10 @@
 
 import errno
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +95,19 @@ def test_a_full_disk_is_a_user_error_naming_the_path_and_a_bug_is_not(tmp_path):
     assert "disk is full" in str(storage_error("w.safetensors", mlx_short_write))
     assert storage_error("x", OSError(errno.EISDIR, "Is a directory")) is None
     assert storage_error("x", RuntimeError("some other failure")) is None
+
+
+def test_a_removed_folder_goes_in_one_step(tmp_path, monkeypatch):
+    import shutil
+
+    from mlxtune.atomic import remove_folder
+
+    old = tmp_path / "step-0000002"
+    old.mkdir()
+    (old / "state.json").write_text("{}")
+    seen = []
+    # What rmtree is handed is no longer under the name: a kill during it leaves no step-* behind.
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: seen.append(
+        (Path(p).name, old.exists())))
+    remove_folder(old)
+    assert seen == [(f".step-0000002.partial-{os.getpid()}", False)]

@@ -9,14 +9,13 @@ position and the random state.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxtune.atomic import atomic_folder, remove_stale, write_file
+from mlxtune.atomic import atomic_folder, remove_folder, remove_stale, write_file
 from mlxtune.errors import MlxtuneError
 
 ADAPTERS = "adapters.safetensors"
@@ -43,7 +42,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, loop:
     # The older ones go only once the new one is in place: a full disk keeps the last good one.
     remove_stale(root / "step-*")  # temp folders of runs killed while saving another step
     for old in list_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)  # rmtree alone, killed half-way, would leave a step-* without state.json
     return final
 
 
