@@ -22,6 +22,7 @@ from mlxtune.errors import MlxtuneError
 # A full disk, a quota or a read-only mount: the user's to fix, so one line, not a traceback.
 _STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 _RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_SWAP = 2  # macOS sys/stdio.h
 
 
 def _temp_name(path: Path) -> Path:
@@ -108,16 +109,23 @@ def write_json(path: Path, data) -> Path:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap the names `a` and `b` in one step (Linux renameat2); False where that is missing."""
+    """Swap the names `a` and `b` in one step (Linux renameat2, macOS renamex_np); False where
+    neither exists."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    at_fdcwd = -100
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if hasattr(libc, "renameat2"):
+        at_fdcwd = -100
+        done = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+                              _RENAME_EXCHANGE)
+    elif hasattr(libc, "renamex_np"):  # macOS 10.12+; not run on this project's Linux CI
+        done = libc.renamex_np(os.fsencode(a), os.fsencode(b), _RENAME_SWAP)
+    else:
+        return False
+    if done == 0:
         return True
-    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False  # a file system without exchange (some network mounts)
     raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
 
