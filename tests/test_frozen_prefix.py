@@ -1,5 +1,7 @@
 """The frozen-prefix cache: the same losses, gradients and training as computing every layer."""
 
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -123,3 +125,30 @@ def test_training_with_the_cache_follows_training_without(tmp_path):
     np.testing.assert_allclose(cached, plain, rtol=1e-4)
     assert plain[-1] < plain[0]
     assert (prefix.misses, prefix.hits) == (6, 6 * 3 - 6)  # 6 steps of 3 rows, 2 batches
+
+
+def test_a_training_run_with_the_cache_matches_one_without(tmp_path, tiny_qmodel_dir):
+    """`cache_frozen_layers: true` in the YAML: the run says what it caches, its validation
+    losses and saved adapters are the run without it (the tiny model: block 0 of 2 cached)."""
+    from mlx.utils import tree_flatten as flatten
+
+    from mlxtune.train.run import run_training
+    from tests.adapters import train_config
+
+    said, runs = [], {}
+    for cached in (False, True):
+        config = train_config(tmp_path / str(cached), tiny_qmodel_dir, num_layers=1, iters=24,
+                              steps_per_eval=8, save_every=8, cache_frozen_layers=cached)
+        runs[cached] = run_training(config, say=said.append)
+    assert any(line.startswith("cache_frozen_layers: blocks 0-0 of 2 run once per example")
+               for line in said), said
+
+    def val_losses(run):
+        rows = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r["val_loss"] for r in map(json.loads, rows) if "val_loss" in r]
+
+    np.testing.assert_allclose(val_losses(runs[True]), val_losses(runs[False]), rtol=1e-3)
+    assert val_losses(runs[True])[-1] < 0.7 * val_losses(runs[True])[0]
+    saved = {k: dict(flatten(mx.load(str(r.run_dir / "adapters.safetensors"))))
+             for k, r in runs.items()}
+    assert saved[True].keys() == saved[False].keys() and all("layers.1." in k for k in saved[True])

@@ -122,6 +122,11 @@ class TrainConfig:
     mask_prompt: bool = setting(False, "Train only on answers: every assistant turn and its end "
                                        "token (chat), or the completion.")
     grad_checkpoint: bool = setting(False, "Recompute block activations in the backward pass.")
+    cache_frozen_layers: bool = setting(
+        False, "Keep each example's hidden state below the first adapted layer after the first "
+               "epoch, so later epochs compute only the adapted layers (memory: tokens x hidden "
+               "x 4 bytes, capped by what the plan leaves free). LoRA/DoRA on the top layers; "
+               "llama, qwen2, qwen3.")
     seed: int = setting(0, "Seed for LoRA init, dropout and data order.")
     steps_per_report: int = setting(10, "Log train loss every N updates.", min=1)
     steps_per_eval: int = setting(200, "Validate every N updates (and at the end).", min=1)
@@ -170,6 +175,9 @@ class TrainConfig:
             yield "loss_type", f"applies to training_mode dpo, not {self.training_mode}"
         if self.fine_tune_type == "full" and self.quantize is not None:
             yield "quantize", "full fine-tuning needs float weights; remove quantize or use lora"
+        if self.cache_frozen_layers and self.training_mode != "sft":
+            yield "cache_frozen_layers", (f"applies to training_mode sft, not "
+                                          f"{self.training_mode} (its batches pair answers)")
 
 
 # mlx-lm keys accepted so its configs load, with what mlxtune does instead; setting one to

@@ -38,6 +38,17 @@ class _Skipped(nn.Module):
         return x
 
 
+def kept_length(trained: np.ndarray) -> int:
+    """How many leading positions of a row are kept: up to its last trained one (0 if none)."""
+    hits = np.flatnonzero(trained)
+    return int(hits[-1]) + 1 if hits.size else 0
+
+
+def kept_tokens(examples) -> int:
+    """Tokens the cache holds for these examples (train/data.Tokenized) once all are seen."""
+    return sum(kept_length(e.loss_mask) for e in examples)
+
+
 def first_trained_layer(model: nn.Module) -> int:
     """Index of the lowest transformer block with a trainable parameter (0: nothing to skip)."""
     inner = model.model
@@ -109,7 +120,7 @@ class FrozenPrefix:
         if self.start == 0:
             return inputs
         tokens, trained = np.asarray(inputs), np.asarray(mask) != 0
-        lengths = [int(np.flatnonzero(t)[-1]) + 1 if t.any() else 0 for t in trained]
+        lengths = [kept_length(t) for t in trained]
         keys = [hashlib.blake2b(row[:n].tobytes(), digest_size=16).digest()
                 for row, n in zip(tokens, lengths)]
         todo = [i for i, k in enumerate(keys) if k not in self.entries and lengths[i]]

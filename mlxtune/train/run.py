@@ -69,7 +69,11 @@ def run_training(config_path: str | Path | None, overrides: list[str] = (), resu
         mx.set_memory_limit(int(config.max_memory_gb * 1024**3))
     from mlxtune.train.session import TrainingSession
 
-    return TrainingSession(config, config_path, model_dir, files, world, say).run(resume, result)
+    # What the frozen-layer cache may hold: the memory the plan leaves free, with a margin.
+    spare = max(0, int((plan.available - plan.peak * (1 + PLAN_ERROR)) * 0.8)) \
+        if plan.available else 0
+    return TrainingSession(config, config_path, model_dir, files, world, say,
+                           cache_bytes=spare).run(resume, result)
 
 
 def launch_or_train(config_path: Path, overrides: list[str] = (), resume: bool = False,

@@ -64,7 +64,7 @@ class TrainingSession:
     """State shared by the hooks of one run: model, optimizer, logs, best loss, patience."""
 
     def __init__(self, config: TrainConfig, config_path, model_dir: Path, files: dict,
-                 world, say):
+                 world, say, cache_bytes: int = 0):
         from mlxtune.train.config import run_folder
 
         self.config, self.config_path, self.model_dir = config, config_path, model_dir
@@ -84,6 +84,7 @@ class TrainingSession:
         self.last_val_stats: dict = {}
         self.window: dict = {}
         self.progress, self.bar_task = ProgressBar(enabled=False), None
+        self.cache_bytes, self.prefix = cache_bytes, None  # the frozen-layer cache, when on
 
     def run(self, resume: bool, result):
         """Load everything, train, save; returns the filled-in TrainResult."""
@@ -109,6 +110,8 @@ class TrainingSession:
         batches = iterate_batches(train_set, cfg.batch_size, cfg.seed,
                                   start * cfg.grad_accumulation_steps, self.world.rank(),
                                   self.world.size())
+        if cfg.cache_frozen_layers:
+            batches = self._frozen_prefix(train_set).batches(batches)
         # Only rank 0 of a distributed run shows anything; the report lines stay on stdout.
         self.progress = ProgressBar("step {task.completed}/{task.total}", "bar",
                                     "{task.fields[info]}", "eta",
@@ -129,6 +132,27 @@ class TrainingSession:
             if self.metrics:
                 self.metrics.close()
         return self._finish(done, result, tokenizer)
+
+    def _eval_batches(self, examples: list, limit: int):
+        batches = eval_batches(examples, self.config.batch_size, limit)
+        return self.prefix.eval_batches(batches) if self.prefix else batches
+
+    def _frozen_prefix(self, train_set: list):
+        """Start the frozen-layer cache (train/frozen_prefix.py) and say what it will hold."""
+        from mlxtune.train.frozen_prefix import FrozenPrefix, kept_tokens
+
+        self.prefix = FrozenPrefix(self.model, self.cache_bytes)
+        start, blocks = self.prefix.start, len(self.model.model.layers)
+        if start == 0:
+            self.say("cache_frozen_layers: every layer trains, nothing to cache")
+            return self.prefix
+        tokens = kept_tokens(train_set + self.valid_set)
+        need = tokens * self.prefix.dim * 4
+        fits = "" if need <= self.cache_bytes else \
+            f"; only {self.cache_bytes / 1e9:.2f} GB is spare, the rest is computed each time"
+        self.say(f"cache_frozen_layers: blocks 0-{start - 1} of {blocks} run once per example "
+                 f"after the first epoch ({need / 1e9:.2f} GB for {tokens} tokens{fits})")
+        return self.prefix
 
     def _split(self, split: str, tokenizer) -> list:
         cfg = self.config
@@ -235,8 +259,8 @@ class TrainingSession:
         cfg = self.config
         # Each rank scores its own share; evaluate() sums across ranks.
         mine = self.valid_set[self.world.rank()::self.world.size()]
-        val, stats = evaluate_with_stats(self.model, eval_batches(mine, cfg.batch_size,
-                                                                   cfg.val_batches), self.loss)
+        val, stats = evaluate_with_stats(self.model, self._eval_batches(mine, cfg.val_batches),
+                                         self.loss)
         self.last_val, self.last_val_stats = val, stats
         self._report(f"step {step}: val loss {val:.4f}{_rewards(stats)}")
         if self.main:
@@ -278,8 +302,10 @@ class TrainingSession:
             test_set = load_split(self.files["test"], tokenizer, cfg.mask_prompt,
                                   cfg.max_seq_length, cfg.training_mode)
             result.test_loss, _ = evaluate_with_stats(
-                self.model, eval_batches(test_set, cfg.batch_size, cfg.test_batches), self.loss)
+                self.model, self._eval_batches(test_set, cfg.test_batches), self.loss)
             self.say(f"test loss {result.test_loss:.4f}")
+        if self.prefix:
+            self.prefix.remove()
         if self.stop_reason == "interrupted":
             raise Interrupted(f"interrupted at step {done}; checkpoint saved in {self.run_dir}; "
                                "continue with --resume")
