@@ -27,8 +27,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mlxtune.blas_choice import (Candidate, blis_candidate, choice_path, cpuinfo_field,
+                                 mkl_candidate, pick, saved_choice)
+
 OFF_VAR = "MLXTUNE_FAST_BLAS"  # "0" turns all of this off
-LIB_VAR = "MLXTUNE_BLAS"  # a user's own BLAS library path
+LIB_VAR = "MLXTUNE_BLAS"  # a candidate's name (openblas, mkl, blis) or a BLAS library's path
 MARKER_VAR = "MLXTUNE_BLAS_PRELOADED"  # set on re-exec so it happens once
 
 # Debian/Ubuntu's libopenblas0-pthread, then other common places (Fedora, Arch, /usr/local).
@@ -85,24 +88,13 @@ def find_blas(environ=os.environ, verify: bool = True) -> str | None:
     def usable(path: str) -> bool:
         return os.path.isfile(path) and (not verify or exports_blas(path))
 
-    if environ.get(LIB_VAR):
+    if environ.get(LIB_VAR) and "/" in environ[LIB_VAR]:
         path = environ[LIB_VAR]
         return path if usable(path) else None
     for path in _KNOWN_PATHS + _ldconfig_openblas():
         if usable(path):
             return path
     return None
-
-
-def cpuinfo_field(name: str, text: str | None = None) -> str | None:
-    """The first `name` line's value in /proc/cpuinfo (or in `text`); None off Linux."""
-    if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    match = re.search(rf"^{re.escape(name)}\s*:\s*(.+)$", text, re.M)
-    return match.group(1).strip() if match else None
 
 
 def choose_coretype(flags: set[str], vendor: str = "") -> str | None:
@@ -133,14 +125,56 @@ def _reference_blas_bundled() -> bool:
     return bool(glob.glob(str(site / "mlx_cpu.libs" / "libblas*.so*")))
 
 
+_BLAS_NAMES = ("openblas", "mkl_rt", "blis")  # how a BLAS library's file name reads
+
+
+def _is_blas(path: str) -> bool:
+    return any(name in os.path.basename(path).lower() for name in _BLAS_NAMES)
+
+
 def _already_loaded(maps: str = "/proc/self/maps") -> bool:
     try:
-        return "openblas" in Path(maps).read_text().lower()
+        return any(_is_blas(line.split()[-1]) for line in Path(maps).read_text().splitlines()
+                   if "/" in line)
     except OSError:
         return False
 
 
-def blas_env(environ=os.environ, cpuinfo: str | None = None) -> dict[str, str]:
+def candidates(environ=os.environ, cpuinfo: str | None = None) -> list[Candidate]:
+    """The BLAS libraries MLX could call here: the system OpenBLAS (with its core type), MKL from
+    this environment, and BLIS, where present; only the one MLXTUNE_BLAS names (a candidate's
+    name or a library's path) when it is set."""
+    wanted = environ.get(LIB_VAR, "")
+    if "/" in wanted:
+        path = find_blas(environ)
+        return [Candidate("user", path)] if path else []
+    found = []
+    openblas = find_blas({})
+    if openblas:
+        env = {}
+        if not environ.get("OPENBLAS_CORETYPE"):
+            flags = set((cpuinfo_field("flags", cpuinfo) or "").split())
+            core = choose_coretype(flags, cpuinfo_field("vendor_id", cpuinfo) or "")
+            env = {"OPENBLAS_CORETYPE": core} if core else {}
+        found.append(Candidate("openblas", openblas, env))
+    found += [c for c in (mkl_candidate(environ=environ), blis_candidate()) if c is not None]
+    return [c for c in found if c.name == wanted] if wanted else found
+
+
+def chosen(environ=os.environ, cpuinfo: str | None = None, name: str | None = None):
+    """The candidate to preload: `name` if given, else the one measured fastest on this CPU
+    (`--pick`), else the first found (OpenBLAS); None when there is none."""
+    found = candidates(environ, cpuinfo)
+    if name is not None:
+        return next((c for c in found if c.name == name), None)
+    saved = saved_choice(found, cpuinfo)
+    if saved and saved.get("picked"):
+        return next(c for c in found if c.name == saved["picked"])
+    return found[0] if found else None
+
+
+def blas_env(environ=os.environ, cpuinfo: str | None = None, name: str | None = None
+             ) -> dict[str, str]:
     """The variables to add so a new process loads a fast BLAS and keeps big buffers on the heap;
     empty when none is needed (not Linux, not the CPU wheel, turned off, or already set)."""
     if not sys.platform.startswith("linux") or disabled(environ) or environ.get(MARKER_VAR):
@@ -148,16 +182,15 @@ def blas_env(environ=os.environ, cpuinfo: str | None = None) -> dict[str, str]:
     if not _reference_blas_bundled():
         return {}
     env = {k: v for k, v in ALLOCATOR_ENV.items() if k not in environ}
-    lib = None if "openblas" in environ.get("LD_PRELOAD", "").lower() else find_blas(environ)
-    if lib is None:
+    if any(_is_blas(p) for p in environ.get("LD_PRELOAD", "").split(":") if p):
+        return env  # the user preloads a BLAS of their own
+    candidate = chosen(environ, cpuinfo, name)
+    if candidate is None:
         return env
     preload = [p for p in environ.get("LD_PRELOAD", "").split(":") if p]
-    env.update({"LD_PRELOAD": ":".join([lib, *preload]), MARKER_VAR: lib})
-    if "openblas" in os.path.basename(lib).lower() and not environ.get("OPENBLAS_CORETYPE"):
-        flags = cpuinfo_field("flags", cpuinfo) or ""
-        core = choose_coretype(set(flags.split()), cpuinfo_field("vendor_id", cpuinfo) or "")
-        if core:
-            env["OPENBLAS_CORETYPE"] = core
+    env.update(candidate.env)
+    env.update({"LD_PRELOAD": ":".join([candidate.library, *preload]),
+                MARKER_VAR: candidate.library})
     return env
 
 
@@ -179,21 +212,57 @@ def preload_fast_blas() -> None:
 
 
 def describe() -> dict:
-    """What this process was given: the preloaded library, core type, and whether it is off."""
+    """What this process was given (the preloaded library, core type, whether it is off) and
+    the candidates' measured GFLOP/s on this CPU, when `--pick` has measured them."""
+    found = candidates()
+    saved = saved_choice(found)
     return {
         "fast_blas": "off (MLXTUNE_FAST_BLAS=0)" if disabled() else "on",
         "preloaded": os.environ.get(MARKER_VAR) or None,
         "coretype": os.environ.get("OPENBLAS_CORETYPE") or None,
-        "found": find_blas(verify=False),
+        "found": [c.name for c in found],
+        "picked": saved["picked"] if saved else None,
+        "measured": saved["candidates"] if saved else None,
     }
 
 
+def pick_fastest(environ=os.environ) -> dict:
+    """Measure every candidate on this CPU and save the fastest (what `--pick` runs)."""
+    base = {k: v for k, v in environ.items()
+            if k not in ("LD_PRELOAD", MARKER_VAR, "OPENBLAS_CORETYPE", OFF_VAR)}
+    base.update(ALLOCATOR_ENV)
+    return pick(candidates(environ), base)
+
+
+USAGE = """usage: python -m mlxtune.blas --env [NAME] | --pick [--if-unmeasured]
+  --env [NAME]  print `export` lines that load the picked BLAS (or candidate NAME) for MLX
+  --pick        time the training step's matmuls under every candidate BLAS, save the fastest
+                (--if-unmeasured: only when no pick was measured on this CPU yet)"""
+
+
 def main(argv: list[str]) -> int:
-    """`python -m mlxtune.blas --env`: print `export` lines for a shell (nothing if not needed)."""
-    if argv[:1] != ["--env"]:
-        print("usage: python -m mlxtune.blas --env", file=sys.stderr)
+    """`python -m mlxtune.blas --env [NAME]` prints `export` lines for a shell (nothing if not
+    needed); `--pick` measures the candidates and saves the fastest for this CPU."""
+    if argv[:1] == ["--pick"] and argv[1:] in ([], ["--if-unmeasured"]):
+        if not sys.platform.startswith("linux") or not _reference_blas_bundled():
+            print("blas: nothing to pick (MLX here does not use the bundled reference BLAS)")
+            return 0
+        if os.environ.get(LIB_VAR) or disabled():
+            print(f"blas: not measured ({LIB_VAR} or {OFF_VAR}=0 decides)")
+            return 0
+        if argv[1:] and saved_choice(candidates()):
+            print(f"blas: {saved_choice(candidates())['picked']} (measured on this CPU before)")
+            return 0
+        saved = pick_fastest()
+        for name, m in saved["candidates"].items():
+            figure = f"{m['gflops']:6.1f} GFLOP/s" if "gflops" in m else f"failed: {m['error']}"
+            print(f"blas: {name:9s} {figure}  {m['library']}")
+        print(f"blas: picked {saved['picked'] or 'none'} for this CPU ({choice_path()})")
+        return 0
+    if argv[:1] != ["--env"] or len(argv) > 2:
+        print(USAGE, file=sys.stderr)
         return 2
-    env = blas_env()
+    env = blas_env(name=argv[1] if len(argv) == 2 else None)
     env.pop(MARKER_VAR, None)  # the shell's children are not re-executed CLI processes
     for key, value in env.items():
         print(f"export {key}='{value}'")

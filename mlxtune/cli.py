@@ -1,21 +1,46 @@
 """The mlxtune command line: each command parses, calls one library function, prints the result.
 
-A user error (MlxtuneError) becomes one red line on stderr and exit code 2; a bug keeps its traceback.
+A user error (MlxtuneError) becomes one red line on stderr and exit code 2 (a ConfigError, one line
+per problem); a bug keeps its traceback. The conversion happens inside Typer's own invocation of
+the command, so an in-process test runner sees exactly what a terminal sees.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from mlxtune.errors import ConfigError, MlxtuneError
 
+
+class _Commands(TyperGroup):
+    """mlxtune's commands: a user error ends as its line(s) in red and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MlxtuneError as e:
+            for problem in e.problems if isinstance(e, ConfigError) else [str(e)]:
+                typer.secho(f"error: {problem}", fg="red", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            from mlxtune.atomic import storage_error
+
+            # A full disk wherever it strikes (a log line, a plot) is the user's to fix, not a bug.
+            friendly = storage_error(e.filename or "an output file", e)
+            if friendly is None:
+                raise
+            typer.secho(f"error: {friendly}", fg="red", err=True)
+            raise typer.Exit(friendly.exit_code) from None
+
+
 # Plain Click help: Typer's rich help shows every flag with a '<bool>' type, as if it took one.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Prepare data, fine-tune (LoRA, DoRA, QLoRA), fuse, serve and evaluate "
                        "LLMs with MLX.")
 
@@ -197,6 +222,10 @@ def eval_(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="API key (default: "
                                           "$OPENAI_API_KEY, else none)."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted eval in --out."),
+    response_format: Optional[Path] = typer.Option(None, "--response-format", help="JSON file: "
+                                                   "a JSON Schema (or a whole OpenAI "
+                                                   "response_format) sent with every request "
+                                                   "(needs --url)."),
 ) -> None:
     """Answer the test prompts with a server or a local model, score them, compare two models."""
     from mlxtune.evaluate.run import run_eval
@@ -204,7 +233,7 @@ def eval_(
     summary = run_eval(data, out, model, url=url, adapter=adapter, compare=compare,
                        metrics=metrics, limit=limit, concurrency=concurrency,
                        max_tokens=max_tokens, timeout=timeout, retries=retries, api_key=api_key,
-                       resume=resume)
+                       resume=resume, response_format=response_format)
     _table(*reversed(summary.table()))
     print(f"results in {out}: {summary.written}")
 
@@ -249,23 +278,29 @@ def serve(
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: "
                                           "Bearer KEY' on every /v1 request."),
-    max_loras: int = typer.Option(4, "--max-loras", help="Adapters kept resident; the least "
-                                  "recently used leave first."),
+    max_loras: int = typer.Option(4, "--max-loras", help="Adapters resident in the batch step "
+                                  "(stacked); the least recently used idle one leaves first."),
+    max_cpu_loras: Optional[int] = typer.Option(None, "--max-cpu-loras", min=0, help="More "
+                                                "adapters kept in host memory (default: "
+                                                "--max-loras); the rest reload from disk."),
     max_lora_rank: int = typer.Option(64, "--max-lora-rank", help="Refuse adapters of higher "
                                       "rank."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Requests for one adapter generated "
-                                  "together."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Requests generated together, whatever "
+                                  "adapter each asks for."),
     max_queue: int = typer.Option(64, "--max-queue", min=0, help="Requests that may wait beyond "
                                   "the running batch; more get 429 with Retry-After."),
+    no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the playground page at /."),
     request_timeout: float = typer.Option(600.0, "--request-timeout", min=0.001,
                                           help="Seconds a request may take, waiting included; "
                                           "then it stops and gets 408."),
 ) -> None:
-    """Serve a base model and its adapters with an OpenAI-compatible HTTP API."""
+    """Serve a base model and its adapters with an OpenAI-compatible HTTP API (and a playground
+    page at / to chat with two of them side by side)."""
     from mlxtune.serve import serve as run_server
 
     run_server(model, adapters, run, fuse_run, host, port, api_key, max_loras, max_lora_rank,
-               max_batch, max_queue, request_timeout=request_timeout)
+               max_batch, max_queue, ui=not no_ui, max_cpu_loras=max_cpu_loras,
+               request_timeout=request_timeout)
 
 
 @app.command()
@@ -282,7 +317,13 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     print(f"{'blas':>18}  {', '.join(report['blas']) or '(none found in this process)'}")
     fast = report["fast_blas"]
     print(f"{'fast blas':>18}  {fast['fast_blas']}; preloaded {fast['preloaded'] or 'nothing'}; "
-          f"core type {fast['coretype'] or 'auto'}; found {fast['found'] or 'none'}")
+          f"core type {fast['coretype'] or 'auto'}; candidates {', '.join(fast['found']) or 'none'}")
+    if fast["measured"]:
+        figures = ", ".join(f"{name} {m['gflops']}" if "gflops" in m else f"{name} failed"
+                            for name, m in fast["measured"].items())
+        print(f"{'blas pick':>18}  {fast['picked']} (measured on this CPU, GFLOP/s: {figures})")
+    else:
+        print(f"{'blas pick':>18}  not measured on this CPU: python -m mlxtune.blas --pick")
     print(f"{'cpu matmul':>18}  {report['cpu_matmul_gflops']} GFLOP/s (fp32, 1024x1024)")
     print(f"{'cpu kernels':>18}  {report['cpu_kernels']}")
     for line in report["advice"] or ["nothing to fix"]:
@@ -290,22 +331,13 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    """Entry point: preload the fast BLAS, then run the app."""
     from mlxtune.blas import preload_fast_blas
 
     # Before anything imports MLX: on Linux CPU this re-executes once with OpenBLAS preloaded.
     preload_fast_blas()
-    try:
-        # Standalone mode lets Typer report usage errors itself (exit 2); ours pass through.
-        # The name is set: the BLAS re-exec runs us as `python -m mlxtune`.
-        app(prog_name="mlxtune")
-    except ConfigError as e:
-        for problem in e.problems:
-            typer.secho(f"error: {problem}", fg="red", err=True)
-        sys.exit(2)
-    except MlxtuneError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        sys.exit(e.exit_code)
+    # The name is set: the BLAS re-exec runs us as `python -m mlxtune`.
+    app(prog_name="mlxtune")
 
 
 if __name__ == "__main__":

@@ -120,20 +120,7 @@ def _convert(value: Any, tp: Any, key: str, problems: _Problems) -> Any:
     """`value` as type `tp`, or _NO after recording why it is not."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        real = [a for a in args if a is not type(None)]
-        if len(real) == 1:
-            # Optional[X]: X's own checks say more than "expected X or None".
-            return _convert(value, real[0], key, problems)
-        for arg in (a for a in args if a is not type(None)):
-            scratch = _Problems({})
-            out = _convert(value, arg, key, scratch)
-            if out is not _NO and not scratch.items:
-                return out
-        problems.add(key, f"expected {_type_name(tp)}, got {value!r}")
-        return _NO
+        return _convert_union(value, tp, key, problems)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.add(key, f"expected a mapping of {', '.join(_field_names(tp))}, got {value!r}")
@@ -161,6 +148,31 @@ def _convert(value: Any, tp: Any, key: str, problems: _Problems) -> Any:
             problems.add(key, f"expected a mapping, got {value!r}")
             return _NO
         return value
+    out = _convert_scalar(value, tp)
+    if out is _NO:
+        problems.add(key, f"expected {_type_name(tp)}, got {value!r}")
+    return out
+
+
+def _convert_union(value: Any, tp: Any, key: str, problems: _Problems) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    real = [a for a in args if a is not type(None)]
+    if len(real) == 1:
+        # Optional[X]: X's own checks say more than "expected X or None".
+        return _convert(value, real[0], key, problems)
+    for arg in real:
+        scratch = _Problems({})
+        out = _convert(value, arg, key, scratch)
+        if out is not _NO and not scratch.items:
+            return out
+    problems.add(key, f"expected {_type_name(tp)}, got {value!r}")
+    return _NO
+
+
+def _convert_scalar(value: Any, tp: Any) -> Any:
+    """`value` as bool, int, float, str (or Any), or _NO."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -183,7 +195,6 @@ def _convert(value: Any, tp: Any, key: str, problems: _Problems) -> Any:
             return str(value)
     elif tp is Any:
         return value
-    problems.add(key, f"expected {_type_name(tp)}, got {value!r}")
     return _NO
 
 
@@ -254,9 +265,9 @@ def config_to_dict(obj: Any) -> dict:
 
 def save_config(obj: Any, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(obj), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    from mlxtune.atomic import write_text
+
+    write_text(path, yaml.safe_dump(config_to_dict(obj), sort_keys=False))
 
 
 def describe_schema(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:

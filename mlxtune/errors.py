@@ -23,6 +23,10 @@ class ModelError(MlxtuneError):
     """A model that cannot be found, fetched, converted or loaded."""
 
 
+class AdapterError(MlxtuneError):
+    """An adapter that cannot be used: missing, wrong shape, rank too high, unknown name."""
+
+
 class Interrupted(MlxtuneError):
     """The user pressed Ctrl-C and the work was saved; exit like an interrupted program does."""
 

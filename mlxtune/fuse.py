@@ -20,7 +20,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import yaml
 
-from mlxtune.errors import MlxtuneError, ModelError
+from mlxtune.errors import MlxtuneError
+from mlxtune.models.adapters import base_model, load_adapter, read_adapter_config
+from mlxtune.models.folder import load_model_folder
 
 _BUILTIN_PROMPTS = ["The capital of France is", "Write one sentence about the sea.",
                     "Question: what is two plus two? Answer:", "List three colours:"]
@@ -56,17 +58,15 @@ class FuseResult:
     notes: list[str] = field(default_factory=list)
 
 
-def find_adapter(run: Path | None, adapter: Path | None) -> Path:
-    """The adapter folder named by --run (a run folder, or a name under runs/) or --adapter."""
+def find_adapter(run: Path | None, adapter: Path | None) -> tuple[Path, dict]:
+    """The adapter folder named by --run (a run folder, or a name under runs/) or --adapter, and
+    its adapter_config.json."""
     if (run is None) == (adapter is None):
         raise MlxtuneError("give exactly one of --run runs/NAME or --adapter DIR")
     path = Path(run if run is not None else adapter)
     if run is not None and not path.exists() and (Path("runs") / path).exists():
         path = Path("runs") / path
-    from mlxtune.serve.registry import read_adapter_config
-
-    read_adapter_config(path)
-    return path
+    return path, read_adapter_config(path)
 
 
 def fuse_layers(model: nn.Module, dequantize: bool = False) -> int:
@@ -82,28 +82,15 @@ def fuse_layers(model: nn.Module, dequantize: bool = False) -> int:
 
 def fuse_in_memory(model: nn.Module, adapter_dir: Path) -> nn.Module:
     """Load the adapter at `adapter_dir` into `model` and merge it (for `serve --fuse`)."""
-    from mlx_lm.tuner.utils import load_adapters
-
-    load_adapters(model, str(adapter_dir))
+    load_adapter(model, adapter_dir)
     fuse_layers(model)
     return model
 
 
 def _load(model_dir: Path, adapter_dir: Path | None = None):
-    from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import load_model, load_tokenizer
-
-    try:
-        model, config = load_model(model_dir)
-        tokenizer = load_tokenizer(model_dir)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise ModelError(f"{model_dir}: cannot load the model: {e}") from None
+    model, config, tokenizer = load_model_folder(model_dir)
     if adapter_dir is not None:
-        try:
-            load_adapters(model, str(adapter_dir))
-        except ValueError as e:
-            raise MlxtuneError(f"{adapter_dir}: the adapter does not fit {model_dir}: {e}") \
-                from None
+        load_adapter(model, adapter_dir)
     return model, tokenizer, config
 
 
@@ -115,12 +102,8 @@ def fuse(out: Path | None, run: Path | None = None, adapter: Path | None = None,
     folder), report drift; and/or write the adapter alone as a GGUF LoRA."""
     from mlxtune.models.resolve import resolve_model
 
-    adapter_dir = find_adapter(run, adapter)
-    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    model = model or adapter_cfg.get("model")
-    if not model:
-        raise MlxtuneError(f"{adapter_dir}/adapter_config.json does not record its base model; "
-                           "pass --model")
+    adapter_dir, adapter_cfg = find_adapter(run, adapter)
+    model = model or base_model(adapter_dir, adapter_cfg)
     if out is None and (gguf_adapter is None or gguf is not None or ollama is not None
                         or dequantize):
         raise MlxtuneError("give --out DIR for the fused model (needed by --gguf, --ollama and "
@@ -153,7 +136,9 @@ def _merge(out: Path, model: str, model_dir: Path, adapter_dir: Path, adapter_cf
     """Fuse, write the model folder at `out` atomically, and measure the drift."""
     from mlx_lm.utils import dequantize_model, save
 
-    from mlxtune.models.folder import TOKENIZER_FILES, atomic_folder
+    from mlxtune.atomic import atomic_folder
+    from mlxtune.fastpath import cast_floats
+    from mlxtune.models.folder import TOKENIZER_FILES
 
     net, tokenizer, config = _load(model_dir, adapter_dir)
     n = fuse_layers(net, dequantize=dequantize)
@@ -161,13 +146,12 @@ def _merge(out: Path, model: str, model_dir: Path, adapter_dir: Path, adapter_cf
     if dequantize:
         dequantize_model(net)
         # fp16 everywhere, the dtype transformers reads from torch_dtype.
-        net.update(_cast_floats(net.parameters(), mx.float16))
+        cast_floats(net, mx.float16)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
         config["torch_dtype"] = "float16"
     quantized = "quantization" in config
-    tmp, commit = atomic_folder(out)
-    try:
+    with atomic_folder(out) as tmp:
         save(tmp, model_dir, net, tokenizer, config, donate_model=False)
         # Keep the chat template and other tokenizer files exactly as the base has them.
         for name in TOKENIZER_FILES:
@@ -176,10 +160,6 @@ def _merge(out: Path, model: str, model_dir: Path, adapter_dir: Path, adapter_cf
         (tmp / "fused_from.json").write_text(json.dumps(
             {"model": model, "adapter": str(adapter_dir.resolve()),
              "dequantized": dequantize}, indent=2))
-        out = commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     del net
     result = FuseResult(out=out, quantized=quantized)
     say(f"wrote {out} ({'re-quantized, as the base' if quantized else 'float16'})")
@@ -215,13 +195,6 @@ def _write_gguf_adapter(adapter_dir: Path, model_dir: Path, path: Path, say) -> 
     written, alpha, layers = write_gguf_adapter(adapter_dir, model_dir, path)
     say(f"wrote {written} (GGUF LoRA, alpha {alpha:g}, {layers} layers)")
     return written
-
-
-def _cast_floats(params, dtype):
-    from mlx.utils import tree_map
-
-    return tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v,
-                    params)
 
 
 def drift_examples(adapter_dir: Path, tokenizer, n: int = 4, max_len: int = 128):

@@ -58,7 +58,7 @@ def write_gguf_adapter(adapter_dir: Path, model_dir: Path, out: Path
     import gguf
     import mlx.core as mx
 
-    from mlxtune.serve.registry import read_adapter_config
+    from mlxtune.models.adapters import read_adapter_config
 
     adapter_cfg = read_adapter_config(adapter_dir)
     kind = adapter_cfg.get("fine_tune_type", "lora")

@@ -13,12 +13,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from mlxtune.atomic import write_file
 from mlxtune.errors import MlxtuneError
 from mlxtune.models.folder import read_config
 
@@ -203,18 +203,16 @@ def gguf_file(out: Path, arch: str = "llama"):
     the block ends; on any error the temp file is removed and `out` is left as it was."""
     import gguf
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
-        yield writer
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    # No path yet: the file is opened only once the block has added everything, by write_file.
+    writer = gguf.GGUFWriter(None, arch)
+    yield writer
+
+    def write(tmp: Path) -> None:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+    write_file(Path(out), write)

@@ -196,19 +196,13 @@ def modelfile(gguf_name: str, tokenizer, folder: Path) -> str:
 
 def write_ollama(folder: Path, out: Path, gguf_type: str = "q8_0") -> Path:
     """Write `out`/model.gguf and `out`/Modelfile for fused model folder `folder`, atomically."""
-    import shutil
-
     from mlx_lm.utils import load_tokenizer
 
     from mlxtune.gguf_export import write_gguf
-    from mlxtune.models.folder import atomic_folder
+    from mlxtune.atomic import atomic_folder
 
     text = modelfile("model.gguf", load_tokenizer(folder), folder)  # template errors first
-    tmp, commit = atomic_folder(Path(out))
-    try:
+    with atomic_folder(Path(out)) as tmp:
         write_gguf(folder, tmp / "model.gguf", gguf_type)
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
-        return commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return Path(out)

@@ -33,7 +33,7 @@ def chip_name() -> str:
                 return out.stdout.strip()
         except OSError:
             pass
-    from mlxtune.blas import cpuinfo_field
+    from mlxtune.blas_choice import cpuinfo_field
 
     return cpuinfo_field("model name") or _platform.processor() or _platform.machine()
 

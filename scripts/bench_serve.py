@@ -2,7 +2,7 @@
 model, in one run, on loopback (127.0.0.1 only).
 
     python scripts/bench_serve.py [--model smollm2-135m] [--max-tokens 64] [--concurrency 8]
-                                  [--threads N] [--stock] [--no-llama]
+                                  [--threads N] [--mixed 12] [--stock] [--no-llama]
 
 Each server runs alone in a subprocess (one at a time, so they never share the CPU). mlxtune
 gets the fast BLAS preload; llama-server (built once from the llama.cpp source vendored in
@@ -11,7 +11,8 @@ built-in model is converted from, with N parallel slots and the same number of t
 mlxtune uses. Measured with the openai client, streaming, the same requests for every server:
 time to first token and generation tokens/s for one request, aggregate tokens/s for N concurrent
 requests, and mlxtune's adapter-switch cost (another adapter per request; mlx_lm.server's: the
-request's `adapters` field, which reloads the model). Adapters are random rank-8 LoRA weights on
+request's `adapters` field, which reloads the model). mlxtune's mixed leg (--mixed N): N
+concurrent requests over the base and 3 adapters (one mixed batch) vs the same N on one adapter. Adapters are random rank-8 LoRA weights on
 every linear layer: a switch costs the same whatever the weights learned.
 """
 
@@ -177,6 +178,28 @@ def switch_cost(base_url: str, names: list[str], request=None, rounds: int = 3) 
     return statistics.median(switched) - statistics.median(same)
 
 
+def mixed_load(base_url: str, names: list[str], max_tokens: int, n: int) -> dict:
+    """Aggregate tokens/s of `n` concurrent requests cycling over `names` (the base and
+    adapters, one mixed batch) and of the same `n` all on names[1] (one adapter), and their
+    ratio: what serving many adapters at once costs over serving one."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+
+    def load(models: list[str]) -> float:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(models)) as pool:
+            runs = list(pool.map(lambda m: one(client, m, max_tokens), models))
+        return sum(r["tokens"] for r in runs) / (time.perf_counter() - t0)
+
+    load(names)  # warm-up: every adapter resident
+    mixed = load([names[i % len(names)] for i in range(n)])
+    single = load([names[1]] * n)
+    result = {"mixed_tps": mixed, "one_adapter_tps": single, "mixed_vs_one": mixed / single}
+    print(json.dumps({"mixed load": {"requests": n, "models": names, **result}}), flush=True)
+    return result
+
+
 def cpu_name() -> str:
     """The CPU's model name, printed beside every number."""
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
@@ -203,7 +226,10 @@ def print_table(results: dict, concurrency: int) -> None:
     rows = [("TTFT, 1 request (s)", "ttft_1", False), ("gen tokens/s, 1 request", "tps_1", True),
             (f"TTFT, {concurrency} concurrent (s, mean)", "ttft_n", False),
             (f"aggregate tokens/s, {concurrency} concurrent", "tps_n", True),
-            ("adapter switch cost (s)", "switch", False)]
+            ("adapter switch cost (s)", "switch", False),
+            ("mixed: tokens/s, base + 3 adapters", "mixed_tps", True),
+            ("mixed: tokens/s, same load on 1 adapter", "one_adapter_tps", True),
+            ("mixed: ratio (mixed / one adapter)", "mixed_vs_one", True)]
     ours = results["mlxtune serve"]
     peers = [n for n in results if n != "mlxtune serve"]
     head = f"{'':42}" + "".join(f"{n:>15}" for n in results)
@@ -228,6 +254,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mixed", type=int, default=12,
+                        help="mlxtune's mixed-adapter leg: this many concurrent requests over the "
+                        "base and 3 adapters, then all on one adapter (0: skip)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="CPU threads for both servers (mlxtune's kernels, llama-server -t)")
     parser.add_argument("--gguf", type=Path, default=None,
@@ -258,19 +287,23 @@ def main() -> None:
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads per server; "
           f"model {model_dir}; {args.max_tokens} tokens per answer, greedy", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    adapters = {f"lora{i}": random_adapter(model_dir, tmp / f"lora{i}", i) for i in (1, 2)}
+    adapters = {f"lora{i}": random_adapter(model_dir, tmp / f"lora{i}", i) for i in (1, 2, 3)}
     results = {}
 
     def ours(url):
         result = measure(url, str(model_dir), args.max_tokens, args.concurrency, args.repeats)
         result["switch"] = switch_cost(url, [str(model_dir), *adapters])
+        if args.mixed:
+            result.update(mixed_load(url, [str(model_dir), *adapters], args.max_tokens,
+                                     args.mixed))
         return result
 
     port = free_port()
     results["mlxtune serve"] = run_server(
         "mlxtune serve",
         [sys.executable, "-m", "mlxtune", "serve", "--model", str(model_dir), "--host",
-         "127.0.0.1", "--port", str(port), "--max-batch", str(args.concurrency),
+         "127.0.0.1", "--port", str(port),
+         "--max-batch", str(max(args.concurrency, args.mixed)),
          *(x for n, p in adapters.items() for x in ("--adapter", f"{n}={p}"))], port, env, ours)
 
     if binary is not None:

@@ -92,9 +92,11 @@ def _mlx_model():
     return model
 
 
-def leg_mlxtune(rows, warmup: int) -> dict:
+def leg_mlxtune(rows, warmup: int, cached: bool = False) -> dict:
     """mlxtune's own code path: load_for_training (the CPU fast path), apply_lora, and the
-    compiled step of mlxtune.train.loop.train, on the same batches, rank, keys and optimizer."""
+    compiled step of mlxtune.train.loop.train, on the same batches, rank, keys and optimizer.
+    `cached`: the same job as a second epoch with train.cache_frozen_layers (the rows repeat, the
+    first pass is the untimed warm-up and fills the cache)."""
     import mlx.core as mx
     import mlx.optimizers as optim
 
@@ -111,8 +113,14 @@ def leg_mlxtune(rows, warmup: int) -> dict:
     apply_lora(model, config)
     optimizer = optim.AdamW(learning_rate=LR)
     batches = [mx.array(rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)]
+    if cached:
+        batches = batches + batches
     # The stock leg's loss counts every target token: the same with an all-ones mask.
     stream = ((i, b[:, :-1], b[:, 1:], mx.ones(b[:, 1:].shape)) for i, b in enumerate(batches))
+    if cached:
+        from mlxtune.train.frozen_prefix import FrozenPrefix
+
+        stream = FrozenPrefix(model, max_bytes=1 << 30).batches(stream)
     losses, ticks = [], [time.perf_counter()]
 
     def on_step(step, loss, ntoks, stats=None):
@@ -271,17 +279,19 @@ def leg_7b(batch: int = 1, seq: int = 512) -> dict:
             "lora_layers": LAYERS, "seq": seq}
 
 
-LEGS = {"mlxtune": leg_mlxtune, "mlx_lm": leg_mlx_lm,
-        "mlx_lm+openblas": leg_mlx_lm, "peft": leg_peft}
+LEGS = {"mlxtune": leg_mlxtune, "mlx_lm": leg_mlx_lm, "mlx_lm+openblas": leg_mlx_lm,
+        "peft": leg_peft, "mlxtune+cache": lambda rows, warmup: leg_mlxtune(rows, warmup, True)}
 
 
 def _leg_env(name: str) -> dict:
     """The environment a user of that tool gets: mlxtune's fast BLAS, or stock MLX's own."""
     from mlxtune.blas import ALLOCATOR_ENV, MARKER_VAR, blas_env
 
+    # Whatever this shell had loaded (OpenBLAS or MKL and its search path) goes; each leg gets its own.
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", MARKER_VAR, *ALLOCATOR_ENV)}
-    if name in ("mlxtune", "mlx_lm+openblas", "7b"):
+           if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "MKL_THREADING_LAYER", "LD_LIBRARY_PATH",
+                        MARKER_VAR, *ALLOCATOR_ENV)}
+    if name in ("mlxtune", "mlxtune+cache", "mlx_lm+openblas", "7b"):
         env.update(blas_env(env))
     return env
 
@@ -346,7 +356,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the fast legs this many times, alternating; report each leg's median")
     p.add_argument("--legs", default="mlxtune,mlx_lm,peft",
-                   help="comma list of mlxtune, mlx_lm, mlx_lm+openblas, peft")
+                   help="comma list of mlxtune, mlxtune+cache (a second epoch with "
+                        "cache_frozen_layers), mlx_lm, mlx_lm+openblas, peft")
     p.add_argument("--7b", dest="seven_b", action="store_true",
                    help="also one QLoRA step of a 7B-shaped llama at batch 1 x 512 (minutes)")
     p.add_argument("--profile", action="store_true",
@@ -380,7 +391,11 @@ def main() -> int:
                 warmup = args.stock_warmup if stock else args.warmup
                 steps = args.stock_steps if stock else args.steps
                 data = Path(tmp) / f"{name}.json"
-                data.write_text(json.dumps(make_tokens((warmup + steps) * BATCH)))
+                if name == "mlxtune+cache":  # the first epoch is the warm-up, the second timed
+                    data.write_text(json.dumps(make_tokens(steps * BATCH)))
+                    warmup = steps
+                else:
+                    data.write_text(json.dumps(make_tokens((warmup + steps) * BATCH)))
                 runs[name].append(_run_leg(name, data, warmup, args.profile and not stock))
         results = {name: _median_run(r) for name, r in runs.items()}
         if args.seven_b:
@@ -406,16 +421,17 @@ def main() -> int:
         print(f"{name:>16} {r['tokens_per_s']:9.1f} {r['s_per_step']:8.2f} "
               f"{gflop / r['s_per_step']:8.1f} "
               f"{_fmt(r['peak_gb'], '8.2f'):>8} {r['rss_gb']:10.2f}  {losses}")
-    fast = results.get("mlxtune")
-    for other in ("mlx_lm", "mlx_lm+openblas", "peft"):
-        if fast and results.get(other):
-            o = results[other]
-            print(f"mlxtune / {other}: {fast['tokens_per_s'] / o['tokens_per_s']:.2f}x tokens/s, "
-                  f"{fast['rss_gb'] / o['rss_gb']:.2f}x max RSS")
-            pairs = [(a, b) for a, b in zip(runs["mlxtune"], runs[other]) if a and b]
-            if len(pairs) > 1:
-                print("  per round (side by side): " + ", ".join(
-                    f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x" for a, b in pairs))
+    for mine in ("mlxtune", "mlxtune+cache"):
+        fast = results.get(mine)
+        for other in ("mlx_lm", "mlx_lm+openblas", "peft"):
+            if fast and results.get(other):
+                o = results[other]
+                print(f"{mine} / {other}: {fast['tokens_per_s'] / o['tokens_per_s']:.2f}x "
+                      f"tokens/s, {fast['rss_gb'] / o['rss_gb']:.2f}x max RSS")
+                pairs = [(a, b) for a, b in zip(runs[mine], runs[other]) if a and b]
+                if len(pairs) > 1:
+                    print("  per round (side by side): " + ", ".join(
+                        f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x" for a, b in pairs))
     for name in legs:
         if results[name] and "profile" in results[name]:
             print("\n" + bench_profile.format_breakdown(name, results[name]["profile"],

@@ -66,7 +66,15 @@ kernels_ok=1
 if [ "${build_kernels:-0}" = 1 ] && ! ls mlxtune/kernels/_cpu_kernels*.so >/dev/null 2>&1; then
   kernels_ok=0
 fi
+# Which BLAS (OpenBLAS, MKL, BLIS: what is installed) MLX calls is measured per CPU, not
+# guessed: again whenever this machine's CPU is not the one the saved pick was measured on.
+pick_blas() {
+  [ "${build_kernels:-0}" = 1 ] || return 0
+  .venv/bin/python -m mlxtune.blas --pick --if-unmeasured \
+    || echo "setup: warning: could not measure the BLAS candidates; OpenBLAS will be used" >&2
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ "$kernels_ok" = 1 ]; then
+  pick_blas
   echo "setup: .venv is up to date"
   exit 0
 fi
@@ -81,4 +89,5 @@ if [ "${build_kernels:-0}" = 1 ]; then
     || echo "setup: warning: mlxtune's CPU kernels did not build; MLX's slower ops will be used" >&2
 fi
 echo "$want" > "$stamp"
+pick_blas
 echo "setup: done (.venv, extras: $extras)"

@@ -38,16 +38,20 @@ if grep -qw avx512bw /proc/cpuinfo 2>/dev/null && grep -qw avx512vl /proc/cpuinf
 else
   echo "variants: SkylakeX skipped (this CPU has no AVX-512)"
 fi
-if [ -n "${LD_PRELOAD:-}" ]; then
+# The suite above ran on the BLAS measured fastest here (OpenBLAS or MKL: mlxtune.blas --pick);
+# the core-type variants run OpenBLAS itself whichever was picked.
+openblas=$(.venv/bin/python -c "from mlxtune.blas import find_blas; print(find_blas({}) or '')")
+if [ -n "${LD_PRELOAD:-}" ] && [ -n "$openblas" ]; then
   for core in $cores; do
-    run_variant "OPENBLAS_CORETYPE=$core" numerics OPENBLAS_CORETYPE="$core"
+    run_variant "OPENBLAS_CORETYPE=$core" numerics LD_PRELOAD="$openblas" \
+      OPENBLAS_CORETYPE="$core" -u MKL_THREADING_LAYER
   done
 else
   echo "variants: OpenBLAS core types skipped (no OpenBLAS is preloaded here)"
 fi
 run_variant "MLXTUNE_CPU_KERNELS=0" numerics MLXTUNE_CPU_KERNELS=0
 run_variant "MLXTUNE_FAST_BLAS=0 (reference BLAS)" "numerics and not slow" -u LD_PRELOAD \
-  -u MLXTUNE_BLAS_PRELOADED -u OPENBLAS_CORETYPE MLXTUNE_FAST_BLAS=0
+  -u MLXTUNE_BLAS_PRELOADED -u OPENBLAS_CORETYPE -u MKL_THREADING_LAYER MLXTUNE_FAST_BLAS=0
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'variants: FAILED under: %s\n' "${failed[*]}"
   exit 1

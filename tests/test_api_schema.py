@@ -22,7 +22,7 @@ CONTEXT = 64  # a short context: long prompts meet the 400, answers stay short
 ROUTES = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/adapters"),
           ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"),
           ("DELETE", "/v1/adapters/{name}"), ("GET", "/v1/models"), ("GET", "/v1/adapters"),
-          ("GET", "/health")}
+          ("GET", "/health"), ("GET", "/metrics")}
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_headers_conformance", "response_schema_conformance",
           "negative_data_rejection", "unsupported_method", "allow_header_conformance",
@@ -72,7 +72,7 @@ def test_every_answer_matches_the_document(server, tmp_path):
     assert totals["operations"]["tested"] == len(ROUTES) and not totals["failures"]
     assert totals["test_cases"]["generated"] >= 300
     for path in ("/v1/chat/completions", "/v1/completions"):
-        assert totals["valid_rates"][f"POST {path}"]["coverage"]["accepted"] > 0
+        assert sum(phase["accepted"] for phase in totals["valid_rates"][f"POST {path}"].values())
 
 
 def test_the_document_describes_every_field_and_route(server):

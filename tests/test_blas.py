@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mlxtune import blas
+from mlxtune import blas, blas_choice
+from mlxtune.blas_choice import Candidate
 
 AVX512 = {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
@@ -31,6 +32,8 @@ def fake_system(monkeypatch):
     monkeypatch.setattr(blas.sys, "platform", "linux")
     monkeypatch.setattr(blas, "_reference_blas_bundled", lambda: True)
     monkeypatch.setattr(blas, "find_blas", lambda environ=None, verify=True: "/x/libopenblas.so.0")
+    monkeypatch.setattr(blas, "mkl_candidate", lambda environ=None: None)
+    monkeypatch.setattr(blas, "blis_candidate", lambda: None)
 
 
 CPUINFO_ZEN3 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx avx2 fma\n"
@@ -67,6 +70,58 @@ def test_allocator_settings_alone_when_the_user_preloads_blas(fake_system):
 def test_env_is_empty_off_linux(fake_system, monkeypatch):
     monkeypatch.setattr(blas.sys, "platform", "darwin")
     assert blas.blas_env({}, cpuinfo=CPUINFO_ZEN3) == {}
+
+
+MKL = Candidate("mkl", "/x/libmkl_rt.so.3", {"LD_LIBRARY_PATH": "/x", "MKL_THREADING_LAYER": "GNU"})
+CPUINFO_ZEN4 = "model name\t: AMD EPYC\nvendor_id\t: AuthenticAMD\nflags\t\t: avx avx2 fma avx512f avx512bw avx512vl avx512dq\n"
+
+
+def test_the_pick_measured_on_this_cpu_decides(fake_system, monkeypatch):
+    """The faster candidate is saved and preloaded with its environment, on this CPU only."""
+    monkeypatch.setattr(blas, "mkl_candidate", lambda environ=None: MKL)
+    speeds = {"openblas": [40.0, 55.0], "mkl": [70.0, 20.0]}  # each keeps its best round
+    monkeypatch.setattr(blas_choice, "measure_in_child",
+                        lambda c, env: {"gflops": speeds[c.name].pop(0)})
+    saved = blas_choice.pick(blas.candidates({}, CPUINFO_ZEN4), {}, cpuinfo=CPUINFO_ZEN4)
+    assert saved["picked"] == "mkl" and saved["candidates"]["openblas"]["gflops"] == 55.0
+    env = blas.blas_env({}, cpuinfo=CPUINFO_ZEN4)
+    assert env["LD_PRELOAD"] == MKL.library and env["MKL_THREADING_LAYER"] == "GNU"
+    assert "OPENBLAS_CORETYPE" not in env
+    # Another CPU (here: one without AVX-512) has not been measured: OpenBLAS, the first found.
+    assert blas.blas_env({}, cpuinfo=CPUINFO_ZEN3)["LD_PRELOAD"] == "/x/libopenblas.so.0"
+    # A candidate can still be asked for by name (the test variants run OpenBLAS by name).
+    assert blas.blas_env({}, cpuinfo=CPUINFO_ZEN4, name="openblas")["OPENBLAS_CORETYPE"] \
+        == "SkylakeX"
+
+
+def test_the_user_names_a_candidate_or_a_library(fake_system, monkeypatch):
+    monkeypatch.setattr(blas, "mkl_candidate", lambda environ=None: MKL)
+    assert blas.blas_env({blas.LIB_VAR: "mkl"}, cpuinfo=CPUINFO_ZEN4)["LD_PRELOAD"] == MKL.library
+    assert blas.blas_env({blas.LIB_VAR: "nothing-such"}, cpuinfo=CPUINFO_ZEN4).get(
+        "LD_PRELOAD") is None
+    assert [c.name for c in blas.candidates({blas.LIB_VAR: "/x/libopenblas.so.0"})] == ["user"]
+
+
+def test_a_candidate_that_fails_is_never_picked(fake_system, monkeypatch):
+    monkeypatch.setattr(blas, "mkl_candidate", lambda environ=None: MKL)
+    monkeypatch.setattr(blas_choice, "measure_in_child", lambda c, env: (
+        {"error": "the library did not load"} if c.name == "mkl" else {"gflops": 1.0}))
+    saved = blas_choice.pick(blas.candidates({}, CPUINFO_ZEN4), {}, cpuinfo=CPUINFO_ZEN4)
+    assert saved["picked"] == "openblas"
+    assert saved["candidates"]["mkl"]["error"] == "the library did not load"
+
+
+def test_measuring_a_real_library_and_a_missing_one():
+    """A child process with the library preloaded measures it; a library that does not load
+    is reported as such, never measured as MLX's bundled reference BLAS instead."""
+    if not sys.platform.startswith("linux") or not blas._reference_blas_bundled() \
+            or blas.find_blas({}) is None:
+        pytest.skip("needs Linux, MLX's CPU wheel and a system OpenBLAS")
+    base = {k: v for k, v in _clean_env().items() if k not in ("LD_LIBRARY_PATH",)}
+    real = blas.candidates({})[0]
+    assert blas_choice.measure_in_child(real, base)["gflops"] > 0
+    missing = Candidate("missing", "/nonexistent/libopenblas.so.0")
+    assert blas_choice.measure_in_child(missing, base) == {"error": "the library did not load"}
 
 
 def test_users_blas_must_exist(tmp_path):

@@ -72,7 +72,7 @@ def test_alpha_becomes_scale(tmp_path):
     assert load_train_config(None).lora_parameters.effective_scale == 20.0
 
 
-def test_mlx_lm_example_config_loads_unchanged(tmp_path):
+def test_mlx_lm_example_config_loads_unchanged(tmp_path, capsys):
     # The keys of mlx-lm's own examples/lora_config.yaml.
     path = tmp_path / "lora_config.yaml"
     path.write_text("""model: "mlx_model"
@@ -110,6 +110,18 @@ lr_schedule:
     config = load_train_config(path)
     assert config.optimizer == "adamw" and config.lr_schedule.warmup == 100
     assert config.lr_schedule.arguments == [1e-5, 1000, 1e-7]
+    assert capsys.readouterr().err == ""  # train: true is what mlxtune does anyway: no warning
+
+
+def test_ignored_mlx_lm_keys_warn_once_naming_each(tmp_path, capsys):
+    path = tmp_path / "compat.yaml"
+    path.write_text("train: false\nclear_cache_threshold: 5\ntrust_remote_code: false\n")
+    load_train_config(path)
+    load_train_config(path)  # a distributed launch loads the config twice
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: {path}: ")
+    assert "train (" in err and "clear_cache_threshold (" in err
+    assert "trust_remote_code" not in err  # set to what mlxtune does: not ignored
 
 
 def test_readme_yaml_reference_is_the_schema():

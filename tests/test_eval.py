@@ -18,6 +18,7 @@ from mlxtune.errors import DataError, MlxtuneError
 from mlxtune.evaluate import metrics as M
 from mlxtune.evaluate.stats import paired_bootstrap
 from tests.adapters import ANSWERS, answer_adapters
+from tests.test_cli import assert_one_line_error, invoke
 
 # Greedy answers scored: rerun per compute variant (test.sh --variants).
 pytestmark = pytest.mark.numerics
@@ -283,11 +284,7 @@ def test_user_errors_are_one_line_exit_2(stock_server, tuned, tmp_path):
         (["--data", str(tmp_path / "missing"), "--model", "m"], "missing: no such file"),
     ]
     for args, message in cases:
-        r = _eval_cli(*args, "--out", str(tmp_path / "out"), env={**os.environ,
-                                                                 "HF_HUB_OFFLINE": "1"})
-        assert r.returncode == 2, (args, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+        assert_one_line_error(invoke("eval", *args, "--out", tmp_path / "out"), message)
     assert not (tmp_path / "out").exists()  # cheap checks come before any output
 
 

@@ -1,8 +1,6 @@
 """Model resolution, the GGUF import of the built-in model, conversion, info, and their errors."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +14,7 @@ from mlxtune.models.folder import is_model_folder
 from mlxtune.models.gguf import _unpermute_rows
 from mlxtune.models.info import model_info
 from mlxtune.models.resolve import resolve_model
+from tests.test_cli import invoke
 
 # Logits of converted models: rerun per compute variant (test.sh --variants).
 pytestmark = pytest.mark.numerics
@@ -160,27 +159,6 @@ def test_killed_conversion_leaves_no_model_folder(tiny_model_dir, tmp_path, monk
     assert not any(is_model_folder(p) for p in tmp_path.iterdir())
 
 
-def _cli(*args, env_home):
-    import os
-
-    env = dict(os.environ, MLXTUNE_HOME=str(env_home), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "mlxtune", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
-
-
-@pytest.mark.parametrize("args, message", [
-    (["train", "missing.yaml"], "missing.yaml: no such config file"),
-    (["models", "path", "no/such-model"], "'no/such-model' is not in the Hugging Face cache"),
-    (["models", "path", "./nope.gguf"], "no model './nope.gguf'"),
-])
-def test_cli_errors_are_one_line_exit_2(args, message, isolated_home):
-    proc = _cli(*args, env_home=isolated_home)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"]
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert proc.stdout == ""
-
-
 def test_models_path_prints_only_the_path(tiny_model_dir, isolated_home):
-    proc = _cli("models", "path", str(tiny_model_dir), env_home=isolated_home)
-    assert proc.returncode == 0 and proc.stdout == f"{tiny_model_dir.resolve()}\n"
+    result = invoke("models", "path", str(tiny_model_dir))
+    assert result.exit_code == 0 and result.stdout == f"{tiny_model_dir.resolve()}\n"

@@ -13,9 +13,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxtune.errors import ConfigError, DataError
-from mlxtune.train.data import collate
-from mlxtune.train.preference import (adapters_off, dpo_loss, orpo_loss, sequence_logps,
-                                      tokenize_pair)
+from mlxtune.train.data import collate, tokenize_pair
+from mlxtune.train.preference import adapters_off, dpo_loss, orpo_loss, sequence_logps
 from mlxtune.train.run import run_training
 from tests.adapters import train_config
 from tests.preference_data import pair_config, write_pairs

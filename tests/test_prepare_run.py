@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from mlxtune.cli import app
 from mlxtune.errors import DataError
 from mlxtune.prepare import PrepareOptions, prepare_dataset
+from tests.test_cli import assert_one_line_error, invoke
 from tests.test_prepare import NASTY_ALPACA, SHAREGPT, write_lines
 
 
@@ -141,9 +142,8 @@ def test_cli_prints_the_summary(tmp_path, nasty, monkeypatch):
 
 
 def test_cli_user_error_is_a_data_error(tmp_path, nasty):
-    result = CliRunner().invoke(app, ["prepare", str(nasty), "--out", str(tmp_path / "o"),
-                                      "--strict"])
-    assert result.exit_code != 0 and isinstance(result.exception, DataError)
+    result = invoke("prepare", nasty, "--out", tmp_path / "o", "--strict")
+    assert_one_line_error(result, f"{nasty}:4: not valid JSON")
     assert not (tmp_path / "o").exists()
 
 

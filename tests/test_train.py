@@ -16,7 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 import pytest
 
-from mlxtune.errors import MlxtuneError
+from mlxtune.errors import DataError, MlxtuneError
 from mlxtune.train.data import tokenize_chat
 from mlxtune.train.run import run_training
 from tests.adapters import train_config as _config
@@ -83,23 +83,31 @@ def test_dora_and_full_train_lower_the_loss_and_move_their_weights(tmp_path, tin
 
     base, _ = load(str(tiny_model_dir))
     base_weights = dict(tree_flatten(base.parameters()))
+    # num_layers 1: only the last of the two blocks trains; block 0, the embeddings and the norm
+    # outside the blocks stay frozen, so they are neither saved nor changed.
+    last = "model.layers.1."
+    linears = {k[: -len(".weight")] for k, v in base_weights.items()
+               if k.startswith(last) and k.endswith(".weight") and v.ndim == 2}
     for kind in ("dora", "full"):
         result = run_training(_config(tmp_path / kind, tiny_model_dir, fine_tune_type=kind,
-                                      iters=10, steps_per_eval=10), say=lambda s: None)
+                                      iters=10, steps_per_eval=10, num_layers=1),
+                              say=lambda s: None)
         cfg = json.loads((result.run_dir / "adapter_config.json").read_text())
         assert cfg["fine_tune_type"] == kind and result.steps == 10
         (_, v0), (_, v1) = _val_losses(result.run_dir)
-        assert v1 < 0.6 * v0  # 6.0 -> 1.9 (DoRA), 1.6 (full)
+        assert v1 < 0.7 * v0  # a wide margin: 6.0 -> ~2 on every variant tried
         saved = mx.load(str(result.run_dir / "adapters.safetensors"))
-        if kind == "dora":  # lora_b starts at zero and the magnitudes at the weights' norms
-            assert all(mx.abs(v).max().item() > 0 for k, v in saved.items()
-                       if k.endswith("lora_b"))
-            moved = [k for k, v in saved.items() if k.endswith(".m") and not mx.allclose(
-                v, mx.linalg.norm(base_weights[k[:-2] + ".weight"], axis=1))]
-        else:  # every weight of the trained blocks is saved, and they all moved
-            assert set(saved) == {k for k in base_weights if k.startswith("model.layers.")}
-            moved = [k for k, v in saved.items() if not mx.allclose(v, base_weights[k])]
-        assert len(moved) == len([k for k in saved if kind == "full" or k.endswith(".m")])
+        if kind == "dora":
+            assert set(saved) == {f"{n}.{p}" for n in linears for p in ("lora_a", "lora_b", "m")}
+            # lora_b starts at zero and each magnitude m at its weight's row norms: all moved.
+            moved = [k for k, v in saved.items()
+                     if (k.endswith("lora_b") and mx.abs(v).max().item() > 0)
+                     or (k.endswith(".m") and not mx.allclose(
+                         v, mx.linalg.norm(base_weights[k[:-2] + ".weight"], axis=1)))]
+            assert len(moved) == 2 * len(linears)
+        else:  # every weight of the trained block is saved, and every one moved
+            assert set(saved) == {k for k in base_weights if k.startswith(last)}
+            assert all(not mx.allclose(v, base_weights[k]) for k, v in saved.items())
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, tiny_qmodel_dir):
@@ -127,6 +135,23 @@ def test_missing_data_is_reported_before_loading(tmp_path, tiny_qmodel_dir):
     path = _config(tmp_path, tiny_qmodel_dir)
     (tmp_path / "data" / "valid.jsonl").unlink()
     with pytest.raises(MlxtuneError, match="valid.jsonl: missing"):
+        run_training(path, say=lambda s: None)
+
+
+@pytest.mark.parametrize("bad_line, error", [
+    ('{"messages": [{"role": "user"', r"train.jsonl:5: not valid JSON"),
+    ('["a list"]', r"train.jsonl:5: expected a JSON object"),
+    ('{"question": "q"}', r"train.jsonl:5: expected mlx-lm's chat"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b"}', r"train.jsonl:5: holds preference pairs"),
+])
+def test_every_line_of_the_data_is_checked_before_the_model_is_looked_up(tmp_path, bad_line,
+                                                                          error):
+    # The model does not exist: the data error must come first, so the data was read first.
+    path = _config(tmp_path, tmp_path / "no-such-model")
+    train = tmp_path / "data" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines[:4] + [bad_line] + lines[4:]) + "\n")
+    with pytest.raises(DataError, match=error):
         run_training(path, say=lambda s: None)
 
 

@@ -32,6 +32,7 @@ def test_qlora_on_the_builtin_model_learns_json_extraction(tmp_path, builtin_mod
     from mlx_lm.utils import load_adapters
 
     from mlxtune.train.config import load_train_config
+    from mlxtune.models.folder import load_tokenizer
     from mlxtune.train.session import load_for_training
 
     rng = np.random.default_rng(0)
@@ -51,7 +52,8 @@ def test_qlora_on_the_builtin_model_learns_json_extraction(tmp_path, builtin_mod
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert vals[-1] < 0.2 * vals[0]
 
-    model, tokenizer = load_for_training(builtin_model_dir, load_train_config(None))
+    model = load_for_training(builtin_model_dir, load_train_config(None))
+    tokenizer = load_tokenizer(builtin_model_dir)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Zoe is 41 years old and lives in Berlin."}],
         add_generation_prompt=True, tokenize=False)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxtune.errors import MlxtuneError, ModelError
+from mlxtune.errors import MlxtuneError
 from mlxtune.evaluate.examples import Example
 
 
@@ -29,11 +29,15 @@ class ServerBackend:
     """A model behind an OpenAI-compatible HTTP API (mlxtune serve, mlx_lm.server, vLLM, ...)."""
 
     def __init__(self, url: str, model: str, api_key: str = "none", timeout: float = 120.0,
-                 retries: int = 3, max_tokens: int = 256, concurrency: int = 4):
+                 retries: int = 3, max_tokens: int = 256, concurrency: int = 4,
+                 response_format: dict | None = None):
         import openai
 
         self.url, self.model, self.label = url.rstrip("/"), model, model
         self.max_tokens, self.concurrency = max_tokens, max(1, concurrency)
+        # Sent with every request; the OpenAI client passes it only to chat, so completions get
+        # it through extra_body (mlxtune serve and vLLM read it on both).
+        self.extra = {"response_format": response_format} if response_format else {}
         self.client = openai.OpenAI(base_url=self.url, api_key=api_key, timeout=timeout,
                                     max_retries=retries)
         # The checks must fail fast on a dead server: no retries, a short timeout.
@@ -82,11 +86,12 @@ class ServerBackend:
             if example.messages is not None:
                 r = self.client.chat.completions.create(
                     model=self.model, messages=example.messages, temperature=0,
-                    max_tokens=self.max_tokens)
+                    max_tokens=self.max_tokens, extra_body=self.extra or None)
                 text = r.choices[0].message.content or ""
             else:
                 r = self.client.completions.create(model=self.model, prompt=example.text,
-                                                   temperature=0, max_tokens=self.max_tokens)
+                                                   temperature=0, max_tokens=self.max_tokens,
+                                                   extra_body=self.extra or None)
                 text = r.choices[0].text or ""
         except (openai.APIConnectionError, openai.NotFoundError) as e:
             # The server went away (after every retry) or stopped serving the model: stop here,
@@ -142,27 +147,21 @@ class LocalBackend:
 
         self.model_dir = resolve_model(self.name)
         if self.adapter is not None:
-            for name in ("adapters.safetensors", "adapter_config.json"):
-                if not (Path(self.adapter) / name).is_file():
-                    raise ModelError(f"{self.adapter}: not an adapter folder (no {name}); pass "
-                                     "a run folder from mlxtune train")
+            from mlxtune.models.adapters import read_adapter_config
+
+            read_adapter_config(Path(self.adapter))
 
     def load(self) -> None:
         """Load weights and adapter once, set up for this backend's fast path, in eval mode."""
         if self.model is not None:
             return
-        from mlx_lm.tuner.utils import load_adapters
-        from mlx_lm.utils import load_model, load_tokenizer
-
         from mlxtune.fastpath import prepare_for_inference
+        from mlxtune.models.adapters import load_adapter
+        from mlxtune.models.folder import load_model_folder
 
-        try:
-            model, _ = load_model(self.model_dir)
-            tokenizer = load_tokenizer(self.model_dir)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise ModelError(f"{self.model_dir}: cannot load the model: {e}") from None
+        model, _, tokenizer = load_model_folder(self.model_dir)
         if self.adapter is not None:
-            load_adapters(model, str(self.adapter))
+            load_adapter(model, Path(self.adapter))
         # On the CPU backend fp16 and MLX's quantized matmuls are very slow: compute in fp32,
         # decoding from the packed weights, prefill and perplexity de-quantized per layer.
         prepare_for_inference(model)

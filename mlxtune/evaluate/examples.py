@@ -3,11 +3,11 @@ and the reference answer to score against."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlxtune.errors import DataError
+from mlxtune.train.data import read_records
 
 
 @dataclass
@@ -40,8 +40,6 @@ def find_test_file(data: Path) -> Path:
 
 def _example(record, path: Path, line_no: int, index: int) -> Example | None:
     where = f"{path}:{line_no}"
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object per line")
     if isinstance(record.get("messages"), list):
         messages = record["messages"]
         last = max((i for i, m in enumerate(messages) if isinstance(m, dict)
@@ -66,24 +64,11 @@ def _example(record, path: Path, line_no: int, index: int) -> Example | None:
                     f"'completion') or text ('text') format, got keys {sorted(record)}")
 
 
-def json_records(path: Path):
-    """(line number, parsed record) for each non-blank line of a JSONL test file, streamed; a
-    DataError with file:line at the first line that is not JSON."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-
-
 def read_examples(data: Path, limit: int | None = None) -> tuple[Path, list[Example]]:
     """The test file and its first `limit` examples (all when None), checked line by line."""
     path = find_test_file(data)
     examples = []
-    for line_no, record in json_records(path):
+    for line_no, record in read_records(path):
         example = _example(record, path, line_no, len(examples))
         if example is not None:
             examples.append(example)

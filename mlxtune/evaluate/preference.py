@@ -14,8 +14,8 @@ from pathlib import Path
 
 from mlxtune.errors import DataError, MlxtuneError
 from mlxtune.evaluate.client import LocalBackend
-from mlxtune.evaluate.examples import json_records
 from mlxtune.evaluate.stats import comparison_table, paired_bootstrap
+from mlxtune.train.data import read_records
 
 SCORES = ("prefers_chosen", "logp_margin")
 
@@ -57,8 +57,8 @@ class PreferenceSummary:
 def read_pairs(path: Path, limit: int | None) -> list[dict]:
     """The first `limit` pair records of a test file, checked."""
     records = []
-    for line_no, record in json_records(path):
-        if not (isinstance(record, dict) and "chosen" in record and "rejected" in record):
+    for line_no, record in read_records(path):
+        if not ("chosen" in record and "rejected" in record):
             raise DataError(f"{path}:{line_no}: expected a preference pair (prompt, chosen, "
                             "rejected) like the lines before it")
         records.append(record)
@@ -72,7 +72,8 @@ def read_pairs(path: Path, limit: int | None) -> list[dict]:
 def score_pairs(backend: LocalBackend, records: list[dict]) -> list[dict]:
     """Per pair: both answers' summed log-probabilities under the backend's model, the margin,
     and 1 / 0.5 / 0 when chosen is more / equally / less likely."""
-    from mlxtune.train.preference import pair_logps, tokenize_pair
+    from mlxtune.train.data import tokenize_pair
+    from mlxtune.train.preference import pair_logps
 
     backend.load()
     pairs = [tokenize_pair(backend.tokenizer, r, 4096) for r in records]
@@ -121,10 +122,10 @@ def run_preference_eval(path: Path, out: Path, model: str, *, url: str | None = 
         for s in SCORES:
             summary.comparison[s] = paired_bootstrap([by_role["model"][i][s] for i in both],
                                                      [by_role["compare"][i][s] for i in both])
-    from mlxtune.evaluate.run import atomic_write
+    from mlxtune.atomic import write_text
 
-    atomic_write(out / "results.jsonl", "".join(json.dumps({"role": role, **r}) + "\n"
+    write_text(out / "results.jsonl", "".join(json.dumps({"role": role, **r}) + "\n"
                                                for role, rows in by_role.items()
                                                for r in rows.values()))
-    atomic_write(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
     return summary

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mlxtune.atomic import write_text
 from mlxtune.errors import Interrupted, MlxtuneError
 from mlxtune.evaluate import metrics as M
 from mlxtune.evaluate.client import LocalBackend, ServerBackend
 from mlxtune.evaluate.examples import read_examples
 from mlxtune.evaluate.stats import comparison_table, paired_bootstrap
+from mlxtune.progress import ProgressBar
 
 ROLES = ("model", "compare")
 
@@ -45,16 +46,20 @@ class Summary:
                                 [*self.scores, "perplexity", "latency_s", "tokens_per_s", "errors"])
 
 
-def _backends(model, url, adapter, compare, api_key, timeout, retries, max_tokens, concurrency):
+def _backends(model, url, adapter, compare, api_key, timeout, retries, max_tokens, concurrency,
+              response_format=None):
     if url:
         if adapter:
             raise MlxtuneError("--adapter is for a local model; a server picks adapters by "
                                "--model name")
         key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
         backends = {role: ServerBackend(url, name, key, timeout, retries, max_tokens,
-                                        concurrency)
+                                        concurrency, response_format)
                     for role, name in (("model", model), ("compare", compare)) if name}
     else:
+        if response_format:
+            raise MlxtuneError("--response-format is enforced by the server: use it with --url "
+                               "(e.g. mlxtune serve)")
         backends = {"model": LocalBackend(model, Path(adapter) if adapter else None, max_tokens)}
         if compare:
             backends["compare"] = LocalBackend(compare, None, max_tokens)
@@ -75,13 +80,6 @@ def _read_results(path: Path) -> list[dict]:
     return rows
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write `path` so readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _prior_results(results: Path, resume: bool, backends: dict) -> list[dict]:
     rows = _read_results(results)
     if rows and not resume:
@@ -93,7 +91,7 @@ def _prior_results(results: Path, resume: bool, backends: dict) -> list[dict]:
             raise MlxtuneError(f"{results} holds answers of {row.get('model')!r} as "
                                f"{row.get('role')}, not this eval's models; use another --out")
     # Rewrite without any torn last line so appended rows start on a line of their own.
-    atomic_write(results, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(results, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -148,51 +146,57 @@ def summarize(rows: list[dict], backends: dict, scores: list[str], data: Path, o
     return summary
 
 
-class _Progress:
-    """A rich progress bar on a terminal; nothing otherwise (logs, pipes, tests)."""
-
-    def __init__(self, total: int):
-        self.bar = None
-        if sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                MofNCompleteColumn(), transient=True)
-            self.bar.start()
-
-    def task(self, label: str, total: int, done: int):
-        if self.bar is None:
-            return lambda: None
-        task = self.bar.add_task(label[-40:], total=total, completed=done)
-        return lambda: self.bar.advance(task)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+def _answer(backends: dict, examples: list, names: list, results: Path, rows: list) -> None:
+    """Ask each backend every example not yet in `rows`, appending each scored row to
+    `results` (and `rows`) as soon as it comes, so a killed eval loses at most one answer."""
+    progress = ProgressBar("{task.description}", "bar", "count")
+    try:
+        with open(results, "a", encoding="utf-8") as f:
+            # One model after the other: a server that swaps models per request reloads once.
+            for role, backend in backends.items():
+                done = {r["id"] for r in rows if r["role"] == role}
+                todo = [ex for ex in examples if ex.id not in done]
+                task = progress.add(backend.label[-40:], len(examples), len(examples) - len(todo))
+                for example, answer in backend.answer_all(todo):
+                    row = _row(role, backend.label, example, answer, names)
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    rows.append(row)
+                    progress.advance(task)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted with {len(rows)} results saved in {results}; finish "
+                          "with --resume") from None
+    finally:
+        progress.close()
 
 
 def run_eval(data: Path, out: Path, model: str, *, url: str | None = None,
              adapter: Path | None = None, compare: str | None = None, metrics: str | None = None,
              limit: int | None = None, concurrency: int = 4, max_tokens: int = 256,
              timeout: float = 120.0, retries: int = 3, api_key: str | None = None,
-             resume: bool = False) -> Summary:
+             resume: bool = False, response_format: Path | None = None) -> Summary:
     """Answer, score and compare; writes out/results.jsonl, summary.json and report.html.
-    Preference pairs (prompt, chosen, rejected) are scored by log-probability instead."""
+    Preference pairs (prompt, chosen, rejected) are scored by log-probability instead.
+    `response_format`: a JSON file (a JSON Schema or a whole response_format) sent with every
+    request."""
     from mlxtune.evaluate.examples import find_test_file
     from mlxtune.evaluate.preference import is_preference_file, run_preference_eval
+    from mlxtune.response_format import read_response_format
 
     if limit is not None and limit < 1:
         raise MlxtuneError(f"--limit must be at least 1, got {limit}")
+    fmt = read_response_format(response_format) if response_format is not None else None
     if is_preference_file(find_test_file(data)):
+        if fmt is not None:
+            raise MlxtuneError("--response-format is for generated answers; preference pairs "
+                               "are scored by log-probability")
         return run_preference_eval(find_test_file(data), out, model, url=url, adapter=adapter,
                                    compare=compare, limit=limit)
     names = M.parse_metrics(metrics)
     scores = M.score_names(names)
-    if limit is not None and limit < 1:
-        raise MlxtuneError(f"--limit must be at least 1, got {limit}")
     data_path, examples = read_examples(data, limit)
     backends = _backends(model, url, adapter, compare, api_key, timeout, retries, max_tokens,
-                         concurrency)
+                         concurrency, fmt)
     for backend in backends.values():
         backend.check()
     out = Path(out)
@@ -200,31 +204,13 @@ def run_eval(data: Path, out: Path, model: str, *, url: str | None = None,
     results = out / "results.jsonl"
     rows = _prior_results(results, resume, backends)
     wanted = {ex.id for ex in examples}
-    progress = _Progress(len(examples) * len(backends))
-    try:
-        with open(results, "a", encoding="utf-8") as f:
-            # One model after the other: a server that swaps models per request reloads once.
-            for role, backend in backends.items():
-                done = {r["id"] for r in rows if r["role"] == role}
-                todo = [ex for ex in examples if ex.id not in done]
-                advance = progress.task(backend.label, len(examples), len(examples) - len(todo))
-                for example, answer in backend.answer_all(todo):
-                    row = _row(role, backend.label, example, answer, names)
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    rows.append(row)
-                    advance()
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted with {len(rows)} results saved in {results}; finish "
-                          "with --resume") from None
-    finally:
-        progress.close()
+    _answer(backends, examples, names, results, rows)
     perplexity = {role: b.perplexity(examples) for role, b in backends.items()
                   if isinstance(b, LocalBackend)}
     rows = [r for r in rows if r["id"] in wanted]
     summary = summarize(rows, backends, scores, data_path, out, len(examples), perplexity)
-    atomic_write(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
     from mlxtune.evaluate.report import render_report
 
-    atomic_write(out / "report.html", render_report(summary, rows))
+    write_text(out / "report.html", render_report(summary, rows))
     return summary

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 
 import mlx.core as mx
+
+from mlxtune.atomic import atomic_folder
+from mlxtune.errors import ModelError
 
 # What makes a folder a model: config.json plus weights. config.json is written last, so a folder
 # whose writing was killed half-way never looks like a model.
@@ -22,37 +23,40 @@ def is_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def atomic_folder(out: Path):
-    """A scratch folder beside `out` to write into, and a function that swaps it into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-
-    def commit() -> Path:
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        return out
-
-    return tmp, commit
-
-
 def write_model_folder(out: Path, weights: dict, config: dict, files: dict[str, str]) -> Path:
     """Write weights, tokenizer files and config.json into `out`, all or nothing."""
-    tmp, commit = atomic_folder(out)
-    try:
+    with atomic_folder(out) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        return commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return Path(out)
+
+
+# What mlx-lm raises for a folder it cannot load (missing files, unknown model type, bad config).
+_LOAD_ERRORS = (ValueError, KeyError, FileNotFoundError)
+
+
+def load_model_folder(model_dir: Path, lazy: bool = False, tokenizer: bool = True):
+    """(model, config, tokenizer or None) of the model folder `model_dir`, loaded by mlx-lm, or a
+    one-line ModelError saying why it cannot be."""
+    from mlx_lm.utils import load_model
+
+    try:
+        model, config = load_model(Path(model_dir), lazy=lazy)
+    except _LOAD_ERRORS as e:
+        raise ModelError(f"{model_dir}: mlx-lm cannot load this model: {e}") from None
+    return model, config, load_tokenizer(model_dir) if tokenizer else None
+
+
+def load_tokenizer(model_dir: Path):
+    """The tokenizer of the model folder `model_dir` (no weights are read), or a ModelError."""
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    try:
+        return mlx_lm_load_tokenizer(Path(model_dir))
+    except _LOAD_ERRORS as e:
+        raise ModelError(f"{model_dir}: mlx-lm cannot load this model's tokenizer: {e}") from None
 
 
 def read_config(path: Path) -> dict:

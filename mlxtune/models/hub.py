@@ -1,4 +1,8 @@
-"""Hugging Face Hub access through huggingface_hub. The only network code in mlxtune."""
+"""Hugging Face Hub access through huggingface_hub: the only code that talks to a model hub.
+
+(The other network code is HTTP to servers the user names: `mlxtune eval --url`, in
+evaluate/client.py, and `mlxtune serve` itself.)
+"""
 
 from __future__ import annotations
 

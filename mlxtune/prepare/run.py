@@ -9,15 +9,14 @@ the spool into exact-size splits by a seeded content hash (mlxtune/prepare/split
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mlxtune.atomic import atomic_folder
 from mlxtune.errors import ConfigError, DataError, ModelError
-from mlxtune.models.folder import atomic_folder
 from mlxtune.prepare.fingerprints import FingerprintSet
 from mlxtune.prepare.pairs import detect_pairs, to_pair, with_system
 from mlxtune.prepare.readers import Malformed, Source
@@ -26,6 +25,7 @@ from mlxtune.prepare.shapes import (FORMATS, Drop, Shape, as_chat, detect_shape,
                                     to_example)
 from mlxtune.prepare.splits import (SPLITS, assign_splits, digest_example, split_sizes,
                                     write_splits)
+from mlxtune.progress import ProgressBar
 
 OUTPUT_FILES = {f"{s}.jsonl" for s in SPLITS} | {"report.json"}
 # Inputs at least this large get a progress bar (on a terminal).
@@ -92,13 +92,8 @@ def prepare_dataset(inputs: list, out: Path, options: PrepareOptions | None = No
     kind = _common_kind(sources, shapes, options)
     count = _token_counter(options.model, kind) if options.model else None
     report = Report(out=out, format=kind, options=asdict(options))
-    tmp, commit = atomic_folder(out)
-    try:
+    with atomic_folder(out) as tmp:
         _stream(sources, shapes, kind, count, options, tmp, report)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
@@ -194,6 +189,44 @@ def _token_counter(model: str, kind: str) -> Callable[[dict], int]:
     return count
 
 
+# Our examples are plain trees of dicts, lists and strings: no cycle check needed.
+_encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+
+
+def _row_line(record, shape, kind: str, options: PrepareOptions, seen: FingerprintSet, count):
+    """(JSONL line, split score, token count or None) of one kept row; raises Drop otherwise."""
+    if isinstance(record, Malformed):
+        raise Drop("malformed", record.why)
+    if kind == "preference":
+        example = with_system(to_pair(shape, record), options.system)
+    else:
+        example = to_example(shape, record)
+    if kind == "chat":
+        example = as_chat(example, options.system)
+    line = _encode(example).encode()
+    fingerprint, score = digest_example(line, options.seed)
+    if not seen.add(fingerprint):
+        raise Drop("duplicate", "the same example as an earlier row")
+    n = count(example) if count else None
+    if options.max_tokens and n > options.max_tokens:
+        raise Drop("too_long", f"{n} tokens, over --max-tokens {options.max_tokens}")
+    return line, score, n
+
+
+def _write_splits(spool: Path, scores, lengths, options: PrepareOptions, folder: Path,
+                  report: Report, log: DropLog) -> None:
+    """Cut the spooled examples into the split files and write report.json, in `folder`."""
+    if not scores:
+        reasons = ", ".join(f"{n} {r}" for r, n in report.dropped.items()) or "no rows"
+        raise DataError(f"no examples left to write ({reasons}); nothing was written; run "
+                        "with --strict to see the first bad row")
+    report.kept, notes = split_sizes(len(scores), options.valid_fraction, options.test_fraction)
+    report.notes += notes
+    write_splits(spool, assign_splits(scores, report.kept), folder)
+    report.tokens = token_stats(lengths)
+    log.write_report(folder / "report.json")
+
+
 def _stream(sources: list[Source], shapes: list, kind: str, count, options: PrepareOptions,
             folder: Path, report: Report) -> None:
     """Read every row once, spool each kept example, then write the splits into `folder`."""
@@ -204,9 +237,11 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
     log = DropLog(report, folder / ".dropped.jsonl")
     spool = folder / ".kept.jsonl"
     kept = open(spool, "wb", buffering=1 << 20)
-    bar = _progress_bar(total, options.progress)
-    # Our examples are plain trees of dicts, lists and strings: no cycle check needed.
-    encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+    # A bar only for a big job on a terminal, unless --progress/--no-progress says otherwise.
+    enabled = options.progress
+    bar = ProgressBar("preparing", "bar", "bytes", "eta",
+                      enabled=total >= _LARGE and sys.stderr.isatty() if enabled is None else enabled)
+    task = bar.add("prepare", total)
     try:
         done = 0
         for source, shape in zip(sources, shapes):
@@ -216,25 +251,10 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
             report.files.append(stats)
             for position, record in source.rows():
                 stats["rows"] += 1
-                if bar and stats["rows"] % _TICK == 0:
-                    bar.update(0, completed=done + source.tell())
+                if stats["rows"] % _TICK == 0:
+                    bar.update(task, completed=done + source.tell())
                 try:
-                    if isinstance(record, Malformed):
-                        raise Drop("malformed", record.why)
-                    if kind == "preference":
-                        example = with_system(to_pair(shape, record), options.system)
-                    else:
-                        example = to_example(shape, record)
-                    if kind == "chat":
-                        example = as_chat(example, options.system)
-                    line = encode(example).encode()
-                    fingerprint, score = digest_example(line, options.seed)
-                    if not seen.add(fingerprint):
-                        raise Drop("duplicate", "the same example as an earlier row")
-                    n = count(example) if count else None
-                    if options.max_tokens and n > options.max_tokens:
-                        raise Drop("too_long", f"{n} tokens, over --max-tokens "
-                                               f"{options.max_tokens}")
+                    line, score, n = _row_line(record, shape, kind, options, seen, count)
                 except Drop as d:
                     if options.strict:
                         raise DataError(f"{source.where(position)}: {d.why} (--strict stops at "
@@ -250,34 +270,8 @@ def _stream(sources: list[Source], shapes: list, kind: str, count, options: Prep
             done += source.size
         kept.close()
         del seen  # its slots are no longer needed while the splits are cut and written
-        if not scores:
-            reasons = ", ".join(f"{n} {r}" for r, n in report.dropped.items()) or "no rows"
-            raise DataError(f"no examples left to write ({reasons}); nothing was written; run "
-                            "with --strict to see the first bad row")
-        report.kept, notes = split_sizes(len(scores), options.valid_fraction,
-                                         options.test_fraction)
-        report.notes += notes
-        write_splits(spool, assign_splits(scores, report.kept), folder)
-        report.tokens = token_stats(lengths)
-        log.write_report(folder / "report.json")
+        _write_splits(spool, scores, lengths, options, folder, report, log)
     finally:
         kept.close()
         log.close()
-        if bar:
-            bar.stop()
-
-
-def _progress_bar(total: int, enabled: bool | None):
-    """A rich progress bar on stderr, started, or None when it is not wanted."""
-    if enabled is None:
-        enabled = total >= _LARGE and sys.stderr.isatty()
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-    bar = Progress("preparing", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True)
-    bar.add_task("prepare", total=total)
-    bar.start()
-    return bar
+        bar.close()

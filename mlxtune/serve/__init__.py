@@ -27,18 +27,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def run_folder_model(run: Path) -> tuple[str, str]:
     """(run name, base model name) recorded in run folder `run`."""
-    from mlxtune.serve.registry import read_adapter_config
+    from mlxtune.models.adapters import base_model, read_adapter_config
 
-    config = read_adapter_config(run)
-    if not config.get("model"):
-        raise MlxtuneError(f"{run}/adapter_config.json does not record its base model; "
-                           "pass --model")
-    return Path(run).resolve().name, str(config["model"])
+    return Path(run).resolve().name, base_model(run, read_adapter_config(run))
 
 
 def build_registry(model: str | None = None, adapters: list[str] = (), run: Path | None = None,
                    fuse: bool = False, max_loras: int = 4, max_lora_rank: int = 64,
-                   say=print):
+                   say=print, max_cpu_loras: int | None = None):
     """Load the base model once and every adapter given as NAME=DIR (and the run's, if any)."""
     from mlxtune.serve.registry import AdapterRegistry
 
@@ -62,9 +58,10 @@ def build_registry(model: str | None = None, adapters: list[str] = (), run: Path
         raise MlxtuneError("no model to serve: pass --model NAME or --run runs/NAME")
     if len(pairs) > max_loras:
         say(f"note: {len(pairs)} adapters, --max-loras {max_loras}: the least recently used "
-            "ones leave memory and reload on their next request")
+            "ones wait in host memory or on disk and come back on their next request")
     registry = AdapterRegistry(model, max_loras=max_loras, max_lora_rank=max_lora_rank,
-                               served_name=served, fuse_adapter=fuse_path)
+                               max_cpu_loras=max_cpu_loras, served_name=served,
+                               fuse_adapter=fuse_path)
     for name, path in pairs:
         registry.add(name, path)
     return registry
@@ -73,17 +70,22 @@ def build_registry(model: str | None = None, adapters: list[str] = (), run: Path
 def serve(model: str | None = None, adapters: list[str] = (), run: Path | None = None,
           fuse: bool = False, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, max_loras: int = 4, max_lora_rank: int = 64,
-          max_batch: int = 8, max_queue: int = 64, say=print,
-          request_timeout: float = 600.0) -> None:
-    """Serve until interrupted: check the port first, then load, then listen."""
+          max_batch: int = 8, max_queue: int = 64, ui: bool = True, say=print,
+          max_cpu_loras: int | None = None, request_timeout: float = 600.0) -> None:
+    """Serve until interrupted: check the port first, then load, then listen; the playground
+    page at / unless `ui` is False."""
     import uvicorn
 
     from mlxtune.serve.app import create_app
 
     sock = bind_socket(host, port)  # before loading anything: a taken port fails in a second
-    registry = build_registry(model, adapters, run, fuse, max_loras, max_lora_rank, say)
-    app = create_app(registry, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+    registry = build_registry(model, adapters, run, fuse, max_loras, max_lora_rank, say,
+                              max_cpu_loras)
+    app = create_app(registry, api_key=api_key, max_batch=max_batch, max_queue=max_queue, ui=ui,
                      request_timeout=request_timeout)
-    say(json.dumps({"serving": registry.names(), "url": f"http://{host}:{port}/v1"}))
+    where = {"url": f"http://{host}:{port}/v1"}
+    if ui:
+        where["playground"] = f"http://{host}:{port}/"
+    say(json.dumps({"serving": registry.names(), **where}))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])

@@ -13,7 +13,8 @@ from fastapi.openapi.utils import get_openapi
 
 from mlxtune import __version__
 from mlxtune.serve.requests import (ADAPTER_FIELDS, CHAT_FIELDS, COMPLETION_FIELDS, LIMITS,
-                                    MAX_STOP, NEUTRAL, PASSIVE)
+                                    MAX_ADAPTER_SCALE, MAX_STOP, MAX_TOP_LOGPROBS, NEUTRAL,
+                                    PASSIVE)
 
 _JSON_TYPES = {str: "string", dict: "object", bool: "boolean", int: "integer", float: "number"}
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
@@ -34,7 +35,28 @@ _FIELDS = {
     "stream_options": {"anyOf": [{"type": "null"}, {
         "type": "object", "additionalProperties": False,
         "properties": {"include_usage": {"type": ["boolean", "null"]}}}]},
+    "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                     "description": "alternatives per token; needs logprobs: true"},
+    "adapter_scale": {"type": ["number", "null"], "minimum": 0, "maximum": MAX_ADAPTER_SCALE,
+                      "description": "this server's extension: scales the named adapter's "
+                                     "update (0: the base's answer, 1: as trained); not for the "
+                                     "base model or a DoRA adapter"},
+    "response_format": {"anyOf": [
+        {"type": "null"},
+        {"type": "object", "additionalProperties": False, "required": ["type"],
+         "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "additionalProperties": False, "required": ["type", "json_schema"],
+         "properties": {"type": {"const": "json_schema"}, "json_schema": {
+             "type": "object", "additionalProperties": False, "required": ["name", "schema"],
+             "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                            "description": {}, "strict": {"type": ["boolean", "null"]},
+                            "schema": {"type": "object", "description": "a JSON Schema the "
+                                       "answer is constrained to"}}}}}]},
 }
+# logprobs differs per endpoint, as in OpenAI's API.
+_LOGPROBS = {"chat": {"type": ["boolean", "null"]},
+             "text": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                      "description": "alternatives per token (0: the chosen token's only)"}}
 _NOTES = {"max_tokens": "clipped to the room the prompt leaves in the context",
           "max_completion_tokens": "the newer name of max_tokens; wins when both are sent",
           "seed": "a seeded request runs alone, so the seed reproduces its answer"}
@@ -64,11 +86,13 @@ def _neutral(values: tuple) -> dict:
             "description": "not supported: accepted only at this neutral value"}
 
 
-def field_schema(key: str, vocab: int | None = None) -> dict | None:
-    """The JSON schema of body field `key` of a completion request (token ids below `vocab`),
-    None if undocumented."""
+def field_schema(key: str, vocab: int | None = None, chat: bool = True) -> dict | None:
+    """The JSON schema of body field `key` of a chat (or text) completion request (token ids
+    below `vocab`), None if undocumented."""
     if key == "prompt":
         return _prompt(vocab)
+    if key == "logprobs":
+        return _LOGPROBS["chat" if chat else "text"]
     if key in _FIELDS:
         return _FIELDS[key]
     if key in LIMITS:
@@ -86,7 +110,8 @@ def undocumented_fields() -> set[str]:
 
 
 def _request(fields: set[str], required: list[str], names: list[str], vocab) -> dict:
-    properties = {k: field_schema(k, vocab) or {} for k in sorted(fields | set(NEUTRAL))}
+    chat = "messages" in fields
+    properties = {k: field_schema(k, vocab, chat) or {} for k in sorted(fields | set(NEUTRAL))}
     properties["model"] = {**_FIELDS["model"], "enum": names}  # served now; others get 404
     return {"type": "object", "required": required, "properties": properties,
             "additionalProperties": False}
@@ -148,8 +173,9 @@ _WHY = {400: "a malformed body, a bad value or an unsupported field (named in 'p
         500: "generation failed (a server bug)"}
 
 
-def _answers(ok: dict, errors: list[int], stream: bool = False) -> dict:
-    content = {"application/json": {"schema": ok}}
+def _answers(ok: dict | None, errors: list[int], stream: bool = False) -> dict:
+    # No `ok` schema: Prometheus's text format (/metrics).
+    content = {"application/json": {"schema": ok}} if ok else {"text/plain": {"schema": _STR}}
     if stream:  # "stream": true answers with server-sent events (the schema is one event's)
         content["text/event-stream"] = {"schema": _object({"data": {
             "type": "string", "description": "a JSON chunk, at most one final {\"error\": ...} "
@@ -184,6 +210,7 @@ def build_document(routes, names: list[str], secured: bool, vocab: int | None = 
                                                     _answers(_ADAPTER, [400, *auth, 404, 413])),
               ("/v1/adapters/{name}", "delete"): (None, _answers(_ADAPTER, [*auth, 404])),
               ("/v1/models", "get"): (None, _answers(_MODELS, auth)),
+              ("/metrics", "get"): (None, _answers(None, auth)),
               ("/v1/adapters", "get"): (None, _answers(_ADAPTERS, auth)),
               ("/health", "get"): (None, _answers(_HEALTH, []))}
     for (path, method), (body, answers) in bodies.items():

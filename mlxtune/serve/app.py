@@ -13,18 +13,20 @@ at /openapi.json describes every body and answer (api_schema.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
-import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlxtune.serve.api_schema import describe_api
 from mlxtune.serve.generation import Generator, Job
+from mlxtune.serve.playground import add_playground
+from mlxtune.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from mlxtune.serve.metrics import ServeMetrics
 from mlxtune.serve.registry import AdapterError, AdapterRegistry
+from mlxtune.serve.replies import Reply
 from mlxtune.serve.requests import (CHAT_FIELDS, COMPLETION_FIELDS, DEFAULT_REQUEST_TIMEOUT,
                                     MAX_BODY_BYTES, APIError, adapter_fields, chat_messages,
                                     check_body_size, check_fields, completion_prompts, make_job,
@@ -37,20 +39,89 @@ def _error(status: int, message: str, type_="invalid_request_error", param=None,
 
 
 def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> FastAPI:
+               max_queue: int = 64, ui: bool = True,
+               request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> FastAPI:
     """The FastAPI app serving `registry`'s base model and adapters (one generation worker);
     past `max_batch` + `max_queue` requests in progress, new ones get 429 with Retry-After;
-    a request still running after `request_timeout` seconds is stopped with a 408."""
+    a request still running after `request_timeout` seconds is stopped with a 408; the
+    playground page at / unless `ui` is False."""
     app = FastAPI(title="mlxtune serve", docs_url=None, redoc_url=None)
-    generator = Generator(registry, max_batch=max_batch)
-    app.state.registry, app.state.generator = registry, generator
-    app.router.on_shutdown.append(generator.stop)
-
+    service = Service(registry, max_batch, max_queue, request_timeout)
+    app.state.registry, app.state.generator = registry, service.generator
+    app.state.service = service
+    app.router.on_shutdown.append(service.generator.stop)
     if api_key is not None:
         app.add_middleware(KeyCheck, api_key=api_key)
+    _add_error_handlers(app, service)
+    _add_info_routes(app, service)
+    _add_adapter_routes(app, service)
+    _add_completion_routes(app, service)
+    if ui:
+        add_playground(app)
+    describe_api(app, registry, api_key is not None)
+    return app
 
+
+class Service:
+    """What the routes share: the registry, the generation worker, the metrics and the count of
+    requests in progress (the event loop's own, for admission)."""
+
+    def __init__(self, registry: AdapterRegistry, max_batch: int, max_queue: int,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
+        self.registry, self.max_batch, self.max_queue = registry, max_batch, max_queue
+        self.request_timeout = request_timeout
+        self.generator = Generator(registry, max_batch=max_batch)
+        self.metrics = ServeMetrics(registry, self.generator)
+        self.generator.metrics = self.metrics
+        self.busy = 0
+
+    def admit(self, n: int) -> None:
+        """Count `n` more requests in progress, or refuse them with 429 past the limit."""
+        if self.busy + n > self.max_batch + self.max_queue:
+            raise APIError(429, f"the server is busy ({self.busy} requests in progress, "
+                           f"--max-queue {self.max_queue}); retry shortly", "rate_limit_error",
+                           code="server_busy", headers={"Retry-After": "1"})
+        self.busy += n
+
+    def release(self, n: int) -> None:
+        """`n` requests were answered (or abandoned)."""
+        self.busy -= n
+
+    async def on_worker(self, fn, *args):
+        """`fn(*args)` run on the generation worker between steps, awaited."""
+        return await asyncio.wrap_future(self.generator.call(fn, *args))
+
+    async def complete(self, request: Request, body: dict, prompts: list[list[int]], chat: bool,
+                       arrived: float):
+        """Run one completion request (one job per prompt) that arrived at `arrived`
+        (perf_counter); the whole reply or its stream."""
+        stream, include_usage = stream_settings(body)
+        jobs = [make_job(self.registry, body, p, chat=chat) for p in prompts]
+        for job in jobs:
+            job.arrived = arrived  # time to first token counts the parsing and the template
+        self.admit(len(jobs))
+        reply = Reply(chat, jobs[0].model, self.registry.tokenizer,
+                      logprobs=jobs[0].top_logprobs is not None)
+        queues = [_submit(self.generator, job) for job in jobs]
+        # (when, how long): queueing counts too
+        deadline = (time.monotonic() + self.request_timeout, self.request_timeout)
+        if stream:
+            return StreamingResponse(reply.stream(jobs[0], queues[0], include_usage,
+                                                  lambda: self.release(1), deadline),
+                                     media_type="text/event-stream")
+        try:
+            results = [await _result(request, job, q, deadline) for job, q in zip(jobs, queues)]
+        finally:
+            for job in jobs:
+                job.cancelled = True  # finished ones are gone already; the rest stop now
+            self.release(len(jobs))
+        return reply.whole(jobs, results)
+
+
+def _add_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
+        service.metrics.refused.labels(str(e.status)).inc()
         return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(Exception)
@@ -66,23 +137,19 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
             headers = {**(headers or {}), "Allow": _allowed(app, request.scope)}
         return _error(e.status_code, str(e.detail), kind, headers=headers)
 
-    busy = {"requests": 0}  # requests admitted and not yet answered (the event loop's own)
 
-    def admit(n: int) -> None:
-        if busy["requests"] + n > max_batch + max_queue:
-            raise APIError(429, f"the server is busy ({busy['requests']} requests in progress, "
-                           f"--max-queue {max_queue}); retry shortly", "rate_limit_error",
-                           code="server_busy", headers={"Retry-After": "1"})
-        busy["requests"] += n
-
-    def release(n: int) -> None:
-        busy["requests"] -= n
+def _add_info_routes(app: FastAPI, service: Service) -> None:
+    registry = service.registry
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": registry.name,
                 "resident_adapters": list(registry.resident),
-                "requests_in_progress": busy["requests"]}
+                "requests_in_progress": service.busy}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -90,27 +157,32 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
         data = [{"id": registry.name, "object": "model", "created": now, "owned_by": "mlxtune",
                  "root": str(registry.model_dir), "parent": None}]
         data += [{"id": a["name"], "object": "model", "created": now, "owned_by": "mlxtune",
-                  "root": a["path"], "parent": registry.name} for a in registry.describe()]
+                  "root": a["path"], "parent": registry.name, "tier": a["tier"]}
+                 for a in registry.describe()]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/adapters")
-    async def list_adapters():
-        return {"object": "list", "data": registry.describe()}
+
+def _add_adapter_routes(app: FastAPI, service: Service) -> None:
+    registry = service.registry
 
     async def load_adapter(name, path):
         try:
             # Loading evaluates MLX arrays: do it on the model's own thread, between steps.
-            await asyncio.wrap_future(generator.call(registry.add, name, path))
+            await service.on_worker(registry.add, name, path)
         except AdapterError as e:
             raise APIError(400, str(e), param="path") from None
         return {"object": "adapter", "name": name, "path": path, "status": "loaded"}
 
     async def unload_adapter(name):
         try:
-            registry.remove(name)
+            await service.on_worker(service.generator.remove_adapter, name)
         except AdapterError as e:
             raise APIError(404, str(e), "not_found_error", "name", "model_not_found") from None
         return {"object": "adapter", "name": name, "status": "unloaded"}
+
+    @app.get("/v1/adapters")
+    async def list_adapters():
+        return {"object": "list", "data": registry.describe()}
 
     @app.post("/v1/adapters")
     async def post_adapter(request: Request):
@@ -129,45 +201,29 @@ def create_app(registry: AdapterRegistry, api_key: str | None = None, max_batch:
     async def vllm_unload(request: Request):
         return await unload_adapter(*adapter_fields(await _json(request), "vllm_unload"))
 
+
+def _add_completion_routes(app: FastAPI, service: Service) -> None:
+    tokenizer = service.registry.tokenizer
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        arrived = time.perf_counter()
         body = await _json(request)
         check_fields(body, CHAT_FIELDS)
         messages = chat_messages(body.get("messages"))
-        return await complete(request, body, [_chat_prompt(registry.tokenizer, messages)], True)
+        return await service.complete(request, body, [_chat_prompt(tokenizer, messages)], True,
+                                      arrived)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        arrived = time.perf_counter()
         body = await _json(request)
         check_fields(body, COMPLETION_FIELDS)
-        prompts = completion_prompts(body.get("prompt"),
-                                     lambda text: _encode(registry.tokenizer, text))
+        prompts = completion_prompts(body.get("prompt"), lambda text: _encode(tokenizer, text))
         if stream_settings(body)[0] and len(prompts) > 1:
             raise APIError(400, "streaming takes one prompt; send the others as their own "
                            "requests", param="prompt")
-        return await complete(request, body, prompts, False)
-
-    async def complete(request: Request, body: dict, prompts: list[list[int]], chat: bool):
-        stream, include_usage = stream_settings(body)
-        jobs = [make_job(registry, body, p) for p in prompts]
-        admit(len(jobs))
-        reply = Reply(chat, jobs[0].model)
-        queues = [_submit(generator, job) for job in jobs]
-        deadline = (time.monotonic() + request_timeout, request_timeout)  # queueing counts too
-        if stream:
-            return StreamingResponse(reply.stream(jobs[0], queues[0], include_usage,
-                                                  lambda: release(1), deadline),
-                                     media_type="text/event-stream")
-        try:
-            results = [await _result(request, job, q, deadline) for job, q in zip(jobs, queues)]
-        finally:
-            for job in jobs:
-                job.cancelled = True  # finished ones are gone already; the rest stop now
-            release(len(jobs))
-        return reply.whole(jobs, results)
-
-    describe_api(app, registry, api_key is not None)
-    return app
+        return await service.complete(request, body, prompts, False, arrived)
 
 
 def _allowed(app: FastAPI, scope) -> str:
@@ -187,14 +243,16 @@ def _as_api_error(e: Exception) -> APIError:
 
 class KeyCheck:
     """ASGI middleware: 401 unless 'Authorization: Bearer KEY'. /health stays open (as in vLLM)
-    so load balancers can probe without the key. Plain ASGI, not Starlette's BaseHTTPMiddleware,
-    which hides a client's disconnect from the endpoint (its batch row would run on)."""
+    so load balancers can probe without the key, and so does the playground page at / (static;
+    it asks for the key and sends it with its API calls). Plain ASGI, not Starlette's
+    BaseHTTPMiddleware, which hides a client's disconnect from the endpoint (its batch row would
+    run on)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health":
+        if scope["type"] == "http" and scope["path"] not in ("/health", "/"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 response = _error(401, "missing or wrong API key: send 'Authorization: Bearer "
@@ -226,10 +284,10 @@ def _submit(generator: Generator, job: Job) -> asyncio.Queue:
 
 
 async def _result(request: Request, job: Job, events: asyncio.Queue,
-                  deadline: tuple[float, float]) -> tuple[str, str, int]:
-    """(text, finish reason, tokens) of a job; stops it if the client goes away meanwhile (the
-    caller cancels it past the deadline: the 408 comes from next_event)."""
-    text = ""
+                  deadline: tuple[float, float]) -> tuple[str, str, int, list]:
+    """(text, finish reason, tokens, logprob entries) of a job; stops it if the client goes
+    away meanwhile (past the deadline next_event raises the 408 and the caller cancels it)."""
+    text, entries = "", []
     while True:
         event = await next_event(events, *deadline, poll=0.5)
         if event is None:
@@ -240,73 +298,11 @@ async def _result(request: Request, job: Job, events: asyncio.Queue,
             continue
         if event[0] == "text":
             text += event[1]
+            entries += event[2]
         elif event[0] == "error":
             raise _as_api_error(event[1])
         else:
-            return text, event[1], event[2]
-
-
-class Reply:
-    """How a request's results become OpenAI response objects, whole or as server-sent events."""
-
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def choice(self, text, finish, index=0, delta=False) -> dict:
-        if not self.chat:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-        key = "delta" if delta else "message"
-        content = {"role": "assistant", "content": text} if not delta or text is not None else {}
-        return {"index": index, key: content, "logprobs": None, "finish_reason": finish}
-
-    def _object(self, kind: str, choices: list, **extra) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
-
-    def whole(self, jobs: list[Job], results: list[tuple[str, str, int]]) -> dict:
-        prompt = sum(len(j.prompt) for j in jobs)
-        done = sum(n for _, _, n in results)
-        return self._object("chat.completion" if self.chat else "text_completion",
-                            [self.choice(text, finish, i)
-                             for i, (text, finish, _) in enumerate(results)],
-                            usage={"prompt_tokens": prompt, "completion_tokens": done,
-                                   "total_tokens": prompt + done})
-
-    async def stream(self, job: Job, events: asyncio.Queue, include_usage: bool, release,
-                     deadline: tuple[float, float]):
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        try:
-            while True:
-                try:
-                    event = await next_event(events, *deadline)
-                except APIError as e:  # past --request-timeout: say so, then end the stream
-                    event = ("error", e)
-                if event[0] == "error":
-                    e = event[1]
-                    why, code = (e.type, e.code) if isinstance(e, APIError) else ("server_error",
-                                                                                  None)
-                    err = {"message": str(e), "type": why, "param": None, "code": code}
-                    yield f"data: {json.dumps({'error': err})}\n\n"
-                    break
-                text, finish = (event[1], None) if event[0] == "text" else (None, event[1])
-                if self.chat or text is not None:
-                    c = self.choice(text if text is not None or self.chat else "", finish,
-                                    delta=True)
-                else:
-                    c = self.choice("", finish)
-                yield f"data: {json.dumps(self._object(kind, [c]))}\n\n"
-                if finish:
-                    if include_usage:
-                        n, p = event[2], len(job.prompt)
-                        usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
-                        yield f"data: {json.dumps(self._object(kind, [], usage=usage))}\n\n"
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            job.cancelled = True  # a client that went away frees its batch row
-            release()
+            return text, event[1], event[2], entries
 
 
 def _encode(tokenizer, text: str) -> list[int]:

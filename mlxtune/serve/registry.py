@@ -1,15 +1,20 @@
-"""One base model, many adapters: adapters are weight sets swapped in per request, never a reload.
+"""One base model, many adapters: adapters are weight sets gathered per batch row, never a reload.
 
-Every linear layer of every block is wrapped once in an `AdapterSlot`. A slot computes the base
-layer and, when the selected adapter has a low-rank pair for it, adds `(x @ a) @ b` (b pre-scaled).
-Switching adapters only points the shared `Selection` at another dict of pairs, so it costs
-microseconds, and the base model ("no adapter") runs at the plain model's speed.
+Every linear layer of every block is wrapped once in an `AdapterSlot`. The resident adapters'
+low-rank pairs are stacked per layer by slot (rank zero-padded to the largest resident one; slot 0,
+the base, all zeros), and each row of a batch carries its slot: a slot layer adds
+`(x @ a[slot]) @ b[slot]` row by row (b pre-scaled), so the base and several adapters share one
+forward pass, and a batch of base rows only runs at the plain model's speed.
+
+Adapters live in three tiers, each least-recently-used first out: `max_loras` resident (in the
+stacks the batch step reads), `max_cpu_loras` more as numpy copies in host memory (promoted in
+a copy), the rest read again from disk. An adapter that rows of the running batch compute with
+is pinned to its slot until they finish.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,14 +24,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxtune.errors import MlxtuneError, ModelError
+from mlxtune.errors import AdapterError, MlxtuneError
 from mlxtune.fastpath import prepare_for_inference
+from mlxtune.models.adapters import read_adapter_config
+from mlxtune.serve.adapter_weights import read_pairs, stack_pairs
+
+__all__ = ["AdapterError", "AdapterRegistry", "AdapterSlot", "Selection", "read_adapter_config"]
 
 _LINEAR = (nn.Linear, nn.QuantizedLinear)
-
-
-class AdapterError(MlxtuneError):
-    """An adapter that cannot be served: missing, wrong shape, rank too high, unknown name."""
 
 
 def compute_dtype(model: nn.Module):
@@ -38,14 +43,25 @@ def compute_dtype(model: nn.Module):
 
 
 class Selection:
-    """Which adapter's pairs the slots use now: {layer path: (a, b, dora factor or None)}."""
+    """What the adapter slots compute with in this forward pass: per layer, the resident adapters'
+    pairs stacked by slot (slot 0 is the base: zeros), and each row's slot and scale."""
 
     def __init__(self):
-        self.pairs: dict = {}
+        # {layer path: (a [slots, in, R], b [slots, R, out], DoRA factor [slots, out] or None)}
+        self.stacks: dict = {}
+        self.rows: mx.array | None = None  # [batch] slot per row; None: every row is the base
+        self.scales: mx.array | None = None  # [batch, 1, 1]; None: every row at scale 1
+
+    def point(self, slots: list[int], scales: list[float]) -> None:
+        """Make the next forward pass compute row i with adapter slot slots[i] at scales[i]."""
+        # An all-base batch skips the low-rank work entirely: the plain model's speed.
+        self.rows = mx.array(slots, dtype=mx.int32) if any(slots) else None
+        self.scales = (mx.array(scales, dtype=mx.float32)[:, None, None]
+                       if any(s != 1.0 for s in scales) else None)
 
 
 class AdapterSlot(nn.Module):
-    """A base linear layer plus the selected adapter's low-rank update for it, if any."""
+    """A base linear layer plus, per row, its adapter's low-rank update for it (if any)."""
 
     def __init__(self, linear: nn.Module, path: str, selection: Selection):
         super().__init__()
@@ -55,12 +71,17 @@ class AdapterSlot(nn.Module):
 
     def __call__(self, x):
         y = self.linear(x)
-        pair = self.selection.pairs.get(self.path)
-        if pair is None:
+        rows, stack = self.selection.rows, self.selection.stacks.get(self.path)
+        if rows is None or stack is None:
             return y
-        a, b, factor = pair
-        y = y + ((x @ a) @ b).astype(y.dtype)
-        return y if factor is None else factor * y
+        a, b, factor = stack
+        # Punica/S-LoRA's gathered update: each row multiplies by its own adapter's pair (the
+        # base's slot holds zeros), so one batched matmul serves every adapter in the batch.
+        delta = (x @ a[rows]) @ b[rows]
+        if self.selection.scales is not None:
+            delta = delta * self.selection.scales
+        y = y + delta.astype(y.dtype)
+        return y if factor is None else factor[rows][:, None, :] * y
 
 
 @dataclass
@@ -71,22 +92,17 @@ class Adapter:
     path: Path
     rank: int
     kind: str
-    device: dict | None = None  # {path: (a, b, factor)} as MLX arrays, ready to select
+    device: dict | None = None  # {path: (a, b, factor)} as MLX arrays while resident
     host: dict | None = None  # the same as numpy arrays, kept in host memory after eviction
     info: dict = field(default_factory=dict)
+    slot: int | None = None  # its index in the stacked pairs while resident
+    pins: int = 0  # rows of the running batch computing with it (it cannot leave its slot)
 
-
-def read_adapter_config(path: Path) -> dict:
-    """adapter_config.json of the adapter folder `path`, with a clear error if it is not one."""
-    path = Path(path)
-    for name in ("adapters.safetensors", "adapter_config.json"):
-        if not (path / name).is_file():
-            raise AdapterError(f"{path}: not an adapter folder (no {name}); pass a run folder "
-                               "from mlxtune train")
-    try:
-        return json.loads((path / "adapter_config.json").read_text())
-    except ValueError as e:
-        raise AdapterError(f"{path / 'adapter_config.json'}: not valid JSON ({e})") from None
+    @property
+    def tier(self) -> str:
+        """'resident' (stacked, used by the batch step), 'host' (numpy copy) or 'disk'."""
+        return "resident" if self.slot is not None else "host" if self.host is not None \
+            else "disk"
 
 
 class AdapterRegistry:
@@ -95,21 +111,18 @@ class AdapterRegistry:
     def __init__(self, model_name: str, max_loras: int = 4, max_lora_rank: int = 64,
                  max_cpu_loras: int | None = None, served_name: str | None = None,
                  fuse_adapter: Path | None = None):
-        from mlx_lm.utils import load_model, load_tokenizer
-
+        from mlxtune.models.folder import load_model_folder
         from mlxtune.models.resolve import resolve_model
 
         if max_loras < 1 or max_lora_rank < 1:
             raise MlxtuneError("--max-loras and --max-lora-rank must be at least 1")
+        if max_cpu_loras is not None and max_cpu_loras < 0:
+            raise MlxtuneError(f"--max-cpu-loras must be 0 or more; got {max_cpu_loras}")
         self.model_dir = resolve_model(model_name)
         self.name = served_name or model_name
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         self.max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
-        try:
-            self.model, self.config = load_model(self.model_dir)
-            self.tokenizer = load_tokenizer(self.model_dir)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise ModelError(f"{self.model_dir}: cannot load the model: {e}") from None
+        self.model, self.config, self.tokenizer = load_model_folder(self.model_dir)
         if fuse_adapter is not None:
             from mlxtune.fuse import fuse_in_memory
 
@@ -119,8 +132,12 @@ class AdapterRegistry:
         self.selection = Selection()
         self.slots = self._wrap_linears()
         self.adapters: dict[str, Adapter] = {}
-        self.resident: OrderedDict[str, None] = OrderedDict()  # LRU order, oldest first
-        self.active: str | None = None
+        # The three tiers, each in LRU order (oldest first): resident adapters hold a slot of
+        # the stacked pairs (by_slot; slot 0 is the base), host ones a numpy copy, the rest
+        # are read again from disk.
+        self.resident: OrderedDict[str, None] = OrderedDict()
+        self.host: OrderedDict[str, None] = OrderedDict()
+        self.by_slot: dict[int, Adapter] = {}
         self.lock = threading.RLock()
         mx.eval(self.model.parameters())
         # The model's thousands of Python objects live as long as the server: keep the garbage
@@ -152,10 +169,11 @@ class AdapterRegistry:
             block.update_modules(tree_unflatten(wrapped))
         return slots
 
-    # Registration and loading -------------------------------------------------------------
+    # Registration ---------------------------------------------------------------------------
 
     def add(self, name: str, path: str | Path) -> Adapter:
-        """Register adapter folder `path` as `name` and load it now (refusing a too-high rank)."""
+        """Register adapter folder `path` as `name` and load it now (refusing a too-high rank).
+        Called on the generation worker's thread (it may restack the resident adapters)."""
         if not name or name == self.name or "/" in name and Path(name).exists():
             raise AdapterError(f"adapter name {name!r} is empty, the base model's name or a path; "
                                "pick another name")
@@ -170,21 +188,28 @@ class AdapterRegistry:
                                f"{self.max_lora_rank}; restart with --max-lora-rank {rank} or more")
         adapter = Adapter(name, Path(path), rank, kind, info=cfg)
         with self.lock:
-            self._load(adapter)  # fails before registering if shapes don't fit this model
+            # Read (and checked against this model) before it is registered.
+            adapter.device = read_pairs(adapter, self.slots, self.dtype, self.max_lora_rank,
+                                        self.name)
+            if name in self.adapters:
+                self.remove(name)
             self.adapters[name] = adapter
-            self._touch(name)
+            if not self._make_resident(adapter):  # every slot busy: it waits in host memory
+                self._to_host(adapter)
         return adapter
 
     def remove(self, name: str) -> None:
-        """Forget adapter `name` (requests already running with it finish with it)."""
+        """Forget adapter `name`; rows running with it finish with it, then its slot frees."""
         with self.lock:
-            if name not in self.adapters:
+            adapter = self.adapters.pop(name, None)
+            if adapter is None:
                 raise AdapterError(f"no adapter {name!r}; loaded: "
                                    f"{', '.join(self.adapters) or 'none'}")
-            del self.adapters[name]
-            self.resident.pop(name, None)
-            if self.active == name:
-                self.active = None
+            self.host.pop(name, None)
+            self.resident.pop(name, None)  # no longer evictable: it leaves when its rows do
+            adapter.host = None
+            if adapter.pins == 0:
+                self._free_slot(adapter)
 
     def names(self) -> list[str]:
         """The names a request may use: the base and every registered adapter."""
@@ -192,89 +217,104 @@ class AdapterRegistry:
             return [self.name, *self.adapters]
 
     def describe(self) -> list[dict]:
-        """Each adapter with its path, rank and where its weights are now."""
+        """Each adapter with its path, rank and tier (where its weights are now)."""
         with self.lock:
             return [{"name": a.name, "path": str(a.path), "rank": a.rank, "type": a.kind,
-                     "resident": a.name in self.resident,
-                     "in_host_memory": a.host is not None and a.name not in self.resident}
+                     "tier": a.tier, "resident": a.tier == "resident",
+                     "in_host_memory": a.tier == "host"}
                     for a in self.adapters.values()]
 
-    def select(self, name: str) -> dict:
-        """Make `name` (the base or an adapter) the one the model computes with; returns its
-        pairs. Called by the generation worker only, between batches."""
+    def tiers(self) -> dict[str, int]:
+        """How many registered adapters are in each tier."""
+        with self.lock:
+            counts = {"resident": 0, "host": 0, "disk": 0}
+            for a in self.adapters.values():
+                counts[a.tier] += 1
+            return counts
+
+    def find(self, name: str) -> Adapter | None:
+        """The adapter served as `name` (None for the base); an AdapterError if unknown."""
         with self.lock:
             if name == self.name:
-                pairs = {}
-            else:
-                adapter = self.adapters.get(name)
-                if adapter is None:
-                    raise AdapterError(f"no model {name!r}; serving: {', '.join(self.names())}")
-                if adapter.device is None:
-                    self._load(adapter)
-                self._touch(name)
-                pairs = adapter.device
-            self.selection.pairs = pairs
-            self.active = name
-            return pairs
+                return None
+            adapter = self.adapters.get(name)
+            if adapter is None:
+                raise AdapterError(f"no model {name!r}; serving: {', '.join(self.names())}")
+            return adapter
 
-    def _touch(self, name: str) -> None:
-        self.resident[name] = None
-        self.resident.move_to_end(name)
-        while len(self.resident) > self.max_loras:
-            old, _ = self.resident.popitem(last=False)
-            self._evict(self.adapters[old])
+    # The generation worker's side -------------------------------------------------------------
 
-    def _evict(self, adapter: Adapter) -> None:
-        # Keep a host copy for the most recently evicted max_cpu_loras; the rest reload from disk.
+    def acquire(self, name: str) -> tuple[Adapter | None, int] | None:
+        """(adapter, slot) for one more batch row of `name` (slot 0: the base), made resident
+        first if need be; None when every slot is held by running rows (the row must wait)."""
+        with self.lock:
+            adapter = self.find(name)
+            if adapter is None:
+                return None, 0
+            if adapter.slot is None and not self._make_resident(adapter):
+                return None
+            adapter.pins += 1
+            self.resident.move_to_end(adapter.name)
+            return adapter, adapter.slot
+
+    def release(self, adapter: Adapter | None) -> None:
+        """A row computing with `adapter` left the batch."""
+        if adapter is None:
+            return
+        with self.lock:
+            adapter.pins -= 1
+            if adapter.pins == 0 and self.adapters.get(adapter.name) is not adapter:
+                self._free_slot(adapter)  # removed while its rows ran
+
+    # Tiers --------------------------------------------------------------------------------
+
+    def _make_resident(self, adapter: Adapter) -> bool:
+        free = [s for s in range(1, self.max_loras + 1) if s not in self.by_slot]
+        if not free:
+            idle = [n for n in self.resident if self.adapters[n].pins == 0]
+            if not idle:
+                return False
+            victim = self.adapters[idle[0]]  # the least recently used that no row holds
+            free = [victim.slot]
+            self._free_slot(victim)
+            self._to_host(victim)
+        if adapter.device is None:
+            adapter.device = self._from_host_or_disk(adapter)
+        adapter.slot = free[0]
+        self.by_slot[adapter.slot] = adapter
+        self.resident[adapter.name] = None
+        self.resident.move_to_end(adapter.name)
+        self.selection.stacks = stack_pairs(self.by_slot)
+        return True
+
+    def _free_slot(self, adapter: Adapter) -> None:
+        if adapter.slot is not None and self.by_slot.get(adapter.slot) is adapter:
+            del self.by_slot[adapter.slot]
+            self.selection.stacks = stack_pairs(self.by_slot)
+        if self.adapters.get(adapter.name) is adapter:
+            self.resident.pop(adapter.name, None)
+        adapter.slot = None
+
+    def _to_host(self, adapter: Adapter) -> None:
+        # Keep a numpy copy for the most recently evicted max_cpu_loras; the rest go to disk.
         if self.max_cpu_loras > 0 and adapter.device is not None:
             adapter.host = {k: tuple(None if v is None else np.array(v) for v in pair)
                             for k, pair in adapter.device.items()}
-            in_host = [a for a in self.adapters.values()
-                       if a.host is not None and a.name not in self.resident and a is not adapter]
-            for extra in in_host[: max(0, len(in_host) + 1 - self.max_cpu_loras)]:
-                extra.host = None
+            self.host[adapter.name] = None
+            self.host.move_to_end(adapter.name)
+            while len(self.host) > self.max_cpu_loras:
+                old, _ = self.host.popitem(last=False)
+                self.adapters[old].host = None
         adapter.device = None
 
-    def _load(self, adapter: Adapter) -> None:
+    def _from_host_or_disk(self, adapter: Adapter) -> dict:
         if adapter.host is not None:
-            adapter.device = {k: tuple(None if v is None else mx.array(v) for v in pair)
-                              for k, pair in adapter.host.items()}
+            pairs = {k: tuple(None if v is None else mx.array(v) for v in pair)
+                     for k, pair in adapter.host.items()}
             adapter.host = None
-            return
-        cfg = adapter.info
-        scale = float(cfg.get("lora_parameters", {}).get("scale", 20.0))
-        try:
-            weights = mx.load(str(adapter.path / "adapters.safetensors"))
-        except Exception as e:  # mx.load raises plain RuntimeError on a bad file
-            raise AdapterError(f"{adapter.path}: cannot read adapters.safetensors: {e}") from None
-        pairs = {}
-        for key in weights:
-            if not key.endswith(".lora_a"):
-                continue
-            layer = key[: -len(".lora_a")]
-            slot = self.slots.get(layer)
-            if slot is None:
-                raise AdapterError(f"{adapter.path}: {layer} is not a linear layer of "
-                                   f"{self.name}; was the adapter trained on another model?")
-            a, b = weights[key], weights.get(f"{layer}.lora_b")
-            out_dims, in_dims = _linear_dims(slot.linear)
-            if b is None or a.shape != (in_dims, a.shape[1]) or b.shape != (a.shape[1], out_dims):
-                raise AdapterError(f"{adapter.path}: {layer} has shapes {a.shape} / "
-                                   f"{None if b is None else b.shape}, but {self.name}'s layer is "
-                                   f"{out_dims}x{in_dims}; the adapter belongs to another model")
-            if a.shape[1] > self.max_lora_rank:
-                raise AdapterError(f"adapter {adapter.name!r} has rank {a.shape[1]}, above "
-                                   f"--max-lora-rank {self.max_lora_rank}")
-            a = a.astype(self.dtype)
-            b = (scale * b.astype(mx.float32)).astype(self.dtype)
-            factor = None
-            if f"{layer}.m" in weights:
-                factor = _dora_factor(slot.linear, a, b, weights[f"{layer}.m"], self.dtype)
-            pairs[layer] = (a, b, factor)
-        if not pairs:
-            raise AdapterError(f"{adapter.path}: adapters.safetensors has no LoRA weights")
-        mx.eval([x for pair in pairs.values() for x in pair if x is not None])
-        adapter.device = pairs
+            self.host.pop(adapter.name, None)
+            return pairs
+        return read_pairs(adapter, self.slots, self.dtype, self.max_lora_rank, self.name)
 
 
 def _layers_path(model: nn.Module) -> str:
@@ -287,25 +327,3 @@ def _layers_path(model: nn.Module) -> str:
             if value is target:
                 return f"{path}.{key}" if path else key
     return "model.layers"
-
-
-def _linear_dims(linear: nn.Module) -> tuple[int, int]:
-    out_dims, in_dims = linear.weight.shape
-    if isinstance(linear, nn.QuantizedLinear):
-        in_dims = in_dims * 32 // linear.bits
-    return out_dims, in_dims
-
-
-def _dequantized(linear: nn.Module) -> mx.array:
-    if isinstance(linear, nn.QuantizedLinear):
-        return mx.dequantize(linear.weight, linear.scales.astype(mx.float32),
-                             linear.get("biases").astype(mx.float32)
-                             if linear.get("biases") is not None else None,
-                             group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
-    return linear.weight.astype(mx.float32)
-
-
-def _dora_factor(linear, a, b, m, dtype) -> mx.array:
-    # DoRA rescales each output row to magnitude m: m / ||W + B^T A^T||, fixed per adapter.
-    adapted = _dequantized(linear) + (b.astype(mx.float32).T @ a.astype(mx.float32).T)
-    return (m.astype(mx.float32) / mx.linalg.norm(adapted, axis=1)).astype(dtype)

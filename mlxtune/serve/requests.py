@@ -12,6 +12,8 @@ import json
 import math
 import time
 
+from mlxtune.errors import MlxtuneError
+from mlxtune.response_format import check_response_format
 from mlxtune.serve.generation import Job
 from mlxtune.serve.registry import AdapterRegistry
 
@@ -23,14 +25,17 @@ MAX_BODY_BYTES = 4 << 20  # a long prompt is well under this; beyond it, 413 bef
 PASSIVE = {"user": (str,), "metadata": (dict,), "store": (bool,), "service_tier": (str,)}
 _PASSIVE = set(PASSIVE)
 _JSON_TYPE = {str: "string", dict: "JSON object", bool: "boolean"}
+# adapter_scale is this server's extension (llama-server's per-request `lora` scale, for the one
+# adapter the request names): 0 gives the base's answer, 1 the adapter as trained.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "n", "seed", "stream",
-           "stream_options"} | _PASSIVE
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
+           "stream_options", "response_format", "logprobs", "adapter_scale"} | _PASSIVE
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = _COMMON | {"prompt"}
+MAX_TOP_LOGPROBS = 20
+MAX_ADAPTER_SCALE = 10.0
 # Fields clients often send at their neutral value: accepted at that value, refused otherwise.
-_NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False, None),
-            "top_logprobs": (None, 0), "logit_bias": ({},), "echo": (False,), "best_of": (1,),
-            "suffix": (None, ""), "response_format": ({"type": "text"},),
+_NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
+            "echo": (False,), "best_of": (1,), "suffix": (None, ""),
             "parallel_tool_calls": (True, False), "tool_choice": ("none",), "tools": ([],),
             "n": (1, None)}
 NEUTRAL = _NEUTRAL  # the public name, for api_schema.py
@@ -193,7 +198,41 @@ def number(body: dict, key: str, default, lo=None, hi=None, kind=None):
     return kind(value)
 
 
-def make_job(registry: AdapterRegistry, body: dict, prompt: list[int]) -> Job:
+def top_logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token a request wants logprobs for (0: the chosen token's
+    only), or None for no logprobs: chat's logprobs + top_logprobs, or completions' logprobs."""
+    if not chat:
+        if body.get("logprobs") is None:
+            return None
+        return number(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS, int)
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise APIError(400, f"'logprobs' must be true or false; got {wanted!r}", param="logprobs")
+    top = body.get("top_logprobs")
+    if top is not None:
+        top = number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, int)
+        if not wanted:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def adapter_scale(registry: AdapterRegistry, body: dict, model: str) -> float:
+    """The request's adapter_scale (1.0 when absent), refused where it cannot apply."""
+    if body.get("adapter_scale") is None:
+        return 1.0
+    scale = number(body, "adapter_scale", 1.0, 0.0, MAX_ADAPTER_SCALE)
+    adapter = registry.find(model)
+    if adapter is None:
+        raise APIError(400, f"'adapter_scale' scales an adapter; {model!r} is the base model",
+                       param="adapter_scale")
+    if adapter.kind == "dora" and scale != 1.0:
+        # DoRA's magnitude factor is fixed for the trained scale; another scale is not DoRA.
+        raise APIError(400, f"'adapter_scale' is not supported for the DoRA adapter {model!r}",
+                       param="adapter_scale", code="unsupported_parameter")
+    return scale
+
+
+def make_job(registry: AdapterRegistry, body: dict, prompt: list[int], chat: bool = True) -> Job:
     """Check a request's fields against the served models and the context; build its Job."""
     model = body.get("model")
     names = registry.names()
@@ -230,7 +269,27 @@ def make_job(registry: AdapterRegistry, body: dict, prompt: list[int]) -> Job:
                # Clipped, not refused, to the room left in the context (finish_reason "length").
                max_tokens=min(max_tokens, context - len(prompt)),
                temperature=number(body, "temperature", 1.0),
-               top_p=number(body, "top_p", 1.0), seed=seed, stop=stop)
+               top_p=number(body, "top_p", 1.0), seed=seed, stop=stop,
+               top_logprobs=top_logprobs(body, chat),
+               adapter_scale=adapter_scale(registry, body, model),
+               logits_processors=response_processors(registry, body.get("response_format")))
+
+
+def response_processors(registry: AdapterRegistry, response_format) -> list:
+    """The logits processors one row needs for `response_format` (none for plain text)."""
+    if response_format is None:
+        return []
+    from mlxtune.serve.structured import grammar_mask
+
+    try:
+        schema = check_response_format(response_format)
+        if schema is None:
+            return []
+        vocab = registry.config.get("vocab_size") or len(registry.tokenizer.vocab)
+        return [grammar_mask(registry.tokenizer, vocab, schema)]
+    except MlxtuneError as e:
+        raise APIError(400, str(e), param="response_format",
+                       code="invalid_response_format") from None
 
 
 def timeout_error(seconds: float) -> APIError:

@@ -9,36 +9,23 @@ position and the random state.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxtune.atomic import atomic_folder, remove_folder, remove_stale, write_file
 from mlxtune.errors import MlxtuneError
 
 ADAPTERS = "adapters.safetensors"
 KEEP_CHECKPOINTS = 2
 
 
-def _atomic_write(path: Path, write) -> None:
-    # Keep the suffix: mx.save_safetensors appends ".safetensors" to names without it.
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapters(path: Path, model: nn.Module) -> None:
     """The trainable weights as mlx-lm's adapters.safetensors, replaced atomically."""
     weights = dict(tree_flatten(model.trainable_parameters()))
-    _atomic_write(Path(path), lambda tmp: mx.save_safetensors(str(tmp), weights))
-
-
-def write_json(path: Path, data: dict) -> None:
-    """JSON to `path`, replaced atomically."""
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+    write_file(Path(path), lambda tmp: mx.save_safetensors(str(tmp), weights))
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, loop: dict) -> Path:
@@ -46,18 +33,16 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, loop:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    mx.save_safetensors(str(tmp / ADAPTERS), dict(tree_flatten(model.trainable_parameters())))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    # state.json last, then one rename: a folder without it, or a .partial one, is never used.
-    (tmp / "state.json").write_text(json.dumps({"step": step, **loop}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_folder(final) as tmp:
+        mx.save_safetensors(str(tmp / ADAPTERS), dict(tree_flatten(model.trainable_parameters())))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"),
+                            dict(tree_flatten(optimizer.state)))
+        # state.json marks a whole checkpoint (list_checkpoints), so it is written last.
+        (tmp / "state.json").write_text(json.dumps({"step": step, **loop}, indent=2))
+    # The older ones go only once the new one is in place: a full disk keeps the last good one.
+    remove_stale(root / "step-*")  # temp folders of runs killed while saving another step
     for old in list_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)  # rmtree alone, killed half-way, would leave a step-* without state.json
     return final
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -119,6 +122,11 @@ class TrainConfig:
     mask_prompt: bool = setting(False, "Train only on answers: every assistant turn and its end "
                                        "token (chat), or the completion.")
     grad_checkpoint: bool = setting(False, "Recompute block activations in the backward pass.")
+    cache_frozen_layers: bool = setting(
+        False, "Keep each example's hidden state below the first adapted layer after the first "
+               "epoch, so later epochs compute only the adapted layers (memory: tokens x hidden "
+               "x 4 bytes, capped by what the plan leaves free). LoRA/DoRA on the top layers; "
+               "llama, qwen2, qwen3.")
     seed: int = setting(0, "Seed for LoRA init, dropout and data order.")
     steps_per_report: int = setting(10, "Log train loss every N updates.", min=1)
     steps_per_eval: int = setting(200, "Validate every N updates (and at the end).", min=1)
@@ -135,7 +143,7 @@ class TrainConfig:
         None, "Launch itself under mlx.launch across processes/hosts (data parallel).")
     max_memory_gb: Optional[float] = setting(
         None, "Cap MLX's memory (GB); default: the planned peak plus headroom.", min=0.1)
-    # mlx-lm keys accepted for compatibility.
+    # mlx-lm keys accepted for compatibility; IGNORED_KEYS below says which have no effect.
     train: bool = setting(True, "mlx-lm compatibility: mlxtune train always trains.")
     test: bool = setting(False, "Report the test-set loss at the end (needs test.jsonl).")
     test_batches: int = setting(500, "Test batches to evaluate; -1 for all.", min=-1)
@@ -167,11 +175,35 @@ class TrainConfig:
             yield "loss_type", f"applies to training_mode dpo, not {self.training_mode}"
         if self.fine_tune_type == "full" and self.quantize is not None:
             yield "quantize", "full fine-tuning needs float weights; remove quantize or use lora"
+        if self.cache_frozen_layers and self.training_mode != "sft":
+            yield "cache_frozen_layers", (f"applies to training_mode sft, not "
+                                          f"{self.training_mode} (its batches pair answers)")
+
+
+# mlx-lm keys accepted so its configs load, with what mlxtune does instead; setting one to
+# anything else draws a warning (load_train_config), since the value has no effect.
+IGNORED_KEYS = {"train": "mlxtune train always trains",
+                "trust_remote_code": "no model code is ever run",
+                "clear_cache_threshold": "mlxtune never clears MLX's cache mid-run"}
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """The training config from YAML `path` (or defaults) and `--set` overrides, fully checked."""
-    return load_config(TrainConfig, path, overrides)
+    config = load_config(TrainConfig, path, overrides)
+    ignored = tuple(k for k in IGNORED_KEYS
+                    if getattr(config, k) != TrainConfig.__dataclass_fields__[k].default)
+    if ignored:
+        _warn_ignored(str(path or "config"), ignored)
+    return config
+
+
+@functools.cache
+def _warn_ignored(where: str, keys: tuple[str, ...]) -> None:
+    # Cached: a distributed launch loads the config twice in one process; say it once. Ranks
+    # other than 0 say nothing, like the rest of a run's output.
+    if os.environ.get("MLX_RANK", "0") == "0":
+        print(f"warning: {where}: ignoring mlx-lm keys that have no effect here: "
+              + ", ".join(f"{k} ({IGNORED_KEYS[k]})" for k in keys), file=sys.stderr)
 
 
 def run_folder(config: TrainConfig, config_path: str | Path | None) -> Path:

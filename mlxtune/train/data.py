@@ -28,7 +28,7 @@ class Tokenized:
 
 def check_data_folder(folder: Path, need: tuple[str, ...] = ("train", "valid"),
                       mode: str = "sft") -> dict[str, Path]:
-    """The split files in `folder`, checked to exist and to hold JSON lines of the kind
+    """The split files in `folder`, checked to exist and to hold, on every line, JSON of the kind
     `mode` trains on (pairs for dpo/orpo, examples for sft), before any model loads."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -42,16 +42,24 @@ def check_data_folder(folder: Path, need: tuple[str, ...] = ("train", "valid"),
         elif split in need:
             raise DataError(f"{path}: missing; {folder} needs {' and '.join(need)} .jsonl files")
     for split, path in found.items():
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    kind = _example_kind(_parse(line, path, line_no), path, line_no)
-                    _check_mode(kind, mode, path, line_no)
-                    break
-            else:
-                if split in need:
-                    raise DataError(f"{path}: has no examples")
+        # Reading every line costs seconds at most; finding a bad one after the weights loaded
+        # (or hours into training, for a split read late) costs far more.
+        records = 0
+        for line_no, record in read_records(path):
+            _check_mode(_example_kind(record, path, line_no), mode, path, line_no)
+            records += 1
+        if not records and split in need:
+            raise DataError(f"{path}: has no examples")
     return found
+
+
+def read_records(path: Path):
+    """(line number, record) for each non-blank line of a JSONL split, streamed; a DataError
+    with file:line at the first line that is not a JSON object."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                yield line_no, _parse(line, path, line_no)
 
 
 def _parse(line: str, path: Path, line_no: int) -> dict:
@@ -147,32 +155,71 @@ def tokenize_record(tokenizer, record: dict, mask_prompt: bool) -> Tokenized:
     return Tokenized(np.array(tokens, dtype=np.int32), np.ones(len(tokens), dtype=bool))
 
 
+@dataclass
+class Pair:
+    """One preference example: the chosen and the rejected answer, each after the same prompt."""
+
+    chosen: Tokenized
+    rejected: Tokenized
+
+
+def _messages(value, role: str) -> list[dict]:
+    # Our prepared files hold message lists (TRL's conversational form); plain strings, as
+    # mlx-lm-lora's DPO files have them, are one message of `role`.
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return list(value)
+
+
+def tokenize_answer(tokenizer, prompt: list[dict], answer: list[dict]) -> Tokenized:
+    """Token ids of prompt + answer with the loss mask on the answer (and its end token) only."""
+    if getattr(tokenizer, "chat_template", None):
+        start = len(render_chat(tokenizer, prompt, add_generation_prompt=True))
+        tokens = render_chat(tokenizer, prompt + answer)
+    else:
+        head = tokenizer.encode("\n".join(str(m.get("content", "")) for m in prompt))
+        tail = tokenizer.encode("".join(str(m.get("content", "")) for m in answer),
+                                add_special_tokens=False)
+        start, tokens = len(head), head + tail + [tokenizer.eos_token_id]
+    mask = np.zeros(len(tokens), dtype=bool)
+    mask[start:] = True
+    return Tokenized(np.array(tokens, dtype=np.int32), mask)
+
+
+def tokenize_pair(tokenizer, record: dict, max_seq_length: int) -> Pair | None:
+    """A record as a Pair truncated to `max_seq_length` + 1 tokens; None if a side has no
+    answer token left after truncation."""
+    prompt = _messages(record.get("prompt", []), "user")
+    sides = []
+    for key in ("chosen", "rejected"):
+        t = tokenize_answer(tokenizer, prompt, _messages(record[key], "assistant"))
+        t = Tokenized(t.tokens[: max_seq_length + 1], t.loss_mask[: max_seq_length + 1])
+        if not t.loss_mask[1:].any():
+            return None
+        sides.append(t)
+    return Pair(*sides)
+
+
 def load_split(path: Path, tokenizer, mask_prompt: bool, max_seq_length: int,
                mode: str = "sft") -> list:
     """Every example of one split file, tokenized and truncated to `max_seq_length` + 1 tokens:
     Tokenized examples for sft, preference Pairs for dpo/orpo."""
-    from mlxtune.train.preference import tokenize_pair
-
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    for line_no, record in read_records(path):
+        _check_mode(_example_kind(record, path, line_no), mode, path, line_no)
+        try:
+            if mode != "sft":
+                pair = tokenize_pair(tokenizer, record, max_seq_length)
+                if pair is not None:
+                    examples.append(pair)
                 continue
-            record = _parse(line, path, line_no)
-            _check_mode(_example_kind(record, path, line_no), mode, path, line_no)
-            try:
-                if mode != "sft":
-                    pair = tokenize_pair(tokenizer, record, max_seq_length)
-                    if pair is not None:
-                        examples.append(pair)
-                    continue
-                ex = tokenize_record(tokenizer, record, mask_prompt)
-            except DataError as e:
-                raise DataError(f"{path}:{line_no}: {e}") from None
-            # Inputs are tokens[:-1] and targets tokens[1:], so keep one token more than the window.
-            ex = Tokenized(ex.tokens[: max_seq_length + 1], ex.loss_mask[: max_seq_length + 1])
-            if ex.loss_mask[1:].any():
-                examples.append(ex)
+            ex = tokenize_record(tokenizer, record, mask_prompt)
+        except DataError as e:
+            raise DataError(f"{path}:{line_no}: {e}") from None
+        # Inputs are tokens[:-1] and targets tokens[1:], so keep one token more than the window.
+        ex = Tokenized(ex.tokens[: max_seq_length + 1], ex.loss_mask[: max_seq_length + 1])
+        if ex.loss_mask[1:].any():
+            examples.append(ex)
     if not examples:
         raise DataError(f"{path}: no example has a token to train on")
     return examples

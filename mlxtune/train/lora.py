@@ -12,6 +12,21 @@ from mlxtune.train.config import TrainConfig
 _LINEAR = (nn.Linear, nn.QuantizedLinear)
 
 
+def adapted_blocks(num_layers: int, n_blocks: int) -> int:
+    """How many of the last blocks get adapters: `num_layers`, or all for -1, 0 or too many."""
+    return n_blocks if num_layers in (-1, 0) else min(num_layers, n_blocks)
+
+
+def all_linear(keys: list[str] | None) -> bool:
+    """Whether lora_parameters.keys selects every linear layer of a block (unset, all-linear)."""
+    return not keys or keys in (["all-linear"], ["all_linear"])
+
+
+def key_matches(path: str, key: str) -> bool:
+    """Whether layer `path` (e.g. self_attn.q_proj) is what `key` names: the path or its last part."""
+    return path == key or path.split(".")[-1] == key
+
+
 def _block_linear_paths(model: nn.Module) -> list[str]:
     """Relative paths of the linear layers inside one transformer block (e.g. self_attn.q_proj)."""
     paths = []
@@ -23,12 +38,12 @@ def _block_linear_paths(model: nn.Module) -> list[str]:
 def expand_keys(model: nn.Module, keys: list[str] | None) -> list[str] | None:
     """Full module paths for `keys`: short names (q_proj) match the path's last part; None and
     'all-linear' mean every linear layer of a block."""
-    if keys is None or keys in (["all-linear"], ["all_linear"]):
+    if all_linear(keys):
         return None
     available = _block_linear_paths(model)
     out: list[str] = []
     for key in keys:
-        hits = [p for p in available if p == key or p.split(".")[-1] == key]
+        hits = [p for p in available if key_matches(p, key)]
         if not hits:
             names = sorted({p.split(".")[-1] for p in available})
             raise ConfigError([f"lora_parameters.keys: {key!r} is not a linear layer of this "
@@ -52,9 +67,7 @@ def apply_lora(model: nn.Module, config: TrainConfig) -> dict:
     adapter config to save beside the weights."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    n_blocks = len(model.layers)
-    num_layers = n_blocks if config.num_layers in (-1, 0) or config.num_layers > n_blocks \
-        else config.num_layers
+    num_layers = adapted_blocks(config.num_layers, len(model.layers))
     if config.fine_tune_type == "full":
         quantized = [p for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
         if quantized:

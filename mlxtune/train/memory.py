@@ -15,6 +15,7 @@ from mlxtune.cpu_math import logit_chunks, row_chunks
 from mlxtune.fastpath import fused_loss_model_type
 from mlxtune.models.folder import read_config, safetensors_shapes
 from mlxtune.train.config import TrainConfig
+from mlxtune.train.lora import adapted_blocks, all_linear, key_matches
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8}
 GB = 1024**3
@@ -84,20 +85,18 @@ class MemoryPlan:
 
 def _lora_params(config: dict, train: TrainConfig, shapes: dict) -> int:
     """Trainable parameter count for the adapters (or the blocks, for full fine-tuning)."""
-    layers = config["num_hidden_layers"]
-    n = layers if train.num_layers in (-1, 0) else min(train.num_layers, layers)
+    n = adapted_blocks(train.num_layers, config["num_hidden_layers"])
     block = {}  # relative path -> (in, out) of each linear layer in block 0
     for name, (shape, dtype) in shapes.items():
         prefix = "model.layers.0."
         if name.startswith(prefix) and name.endswith(".weight") and len(shape) == 2:
             rel = name[len(prefix): -len(".weight")]
-            in_dim = shape[1] * 32 // _bits(config, name) if dtype == "U32" else shape[1]
-            block[rel] = (in_dim, shape[0])
+            block[rel] = (_in_out(shape, dtype, config, name) // shape[0], shape[0])
     if train.fine_tune_type == "full":
         return n * sum(i * o for i, o in block.values())
     keys = train.lora_parameters.keys
-    if keys and keys not in (["all-linear"], ["all_linear"]):
-        block = {k: v for k, v in block.items() if k in keys or k.split(".")[-1] in keys}
+    if not all_linear(keys):
+        block = {k: v for k, v in block.items() if any(key_matches(k, key) for key in keys)}
     r = train.lora_parameters.rank
     per_block = sum(r * (i + o) + (o if train.fine_tune_type == "dora" else 0)
                     for i, o in block.values())
@@ -117,22 +116,13 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
     shapes = safetensors_shapes(model_dir)
     # On the CPU everything computes in fp32 (fp16 matmuls there skip BLAS).
     act = 4 if backend == "cpu" else 2
-    weights = 0
-    for shape, dtype in shapes.values():
-        size = _BYTES.get(dtype, 4)
-        for d in shape:
-            size *= d
-        if backend == "cpu" and dtype in ("F16", "BF16"):
-            size *= 2
-        weights += size
+    weights = _weight_bytes(shapes, backend)
     h = config["hidden_size"]
     inter = config.get("intermediate_size", 4 * h)
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads", heads)
     hd = config.get("head_dim") or h // heads
-    vocab = config["vocab_size"]
-    layers = config["num_hidden_layers"]
-    n = layers if train.num_layers in (-1, 0) else min(train.num_layers, layers)
+    n = adapted_blocks(train.num_layers, config["num_hidden_layers"])
     b, t = train.batch_size, train.max_seq_length
     if train.training_mode != "sft":
         b *= 2  # a preference batch is its chosen answers and its rejected ones, one row each
@@ -149,26 +139,8 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
     # Checkpointing keeps each block's input; the block being recomputed holds its activations
     # plus the gradients flowing through it (~half as much again, measured).
     ckpt_acts = n * b * t * h * act + block * 3 // 2
-    # The largest de-quantized weight, briefly in fp32, twice (forward and backward). The CPU
-    # fast path de-quantizes big weights in row chunks and then concatenates the outputs.
-    scratch = 0
-    for name, (shape, dtype) in shapes.items():
-        if len(shape) != 2:
-            continue
-        rows, cols = shape[0], _in_out(shape, dtype, config, name) // shape[0]
-        chunks = row_chunks(rows, cols, b * t) if backend == "cpu" else [(0, rows)]
-        size = 2 * (chunks[0][1] - chunks[0][0]) * cols * 4
-        if len(chunks) > 1:
-            size += b * t * rows * act
-        scratch = max(scratch, size)
-    # The fused output loss of the CPU path (fastpath.token_losses) holds one vocabulary chunk of
-    # logits and its exp, not the whole logits three times over, and de-quantized head chunks
-    # (counted 4x: fitted to bench_memory.py's SmolLM2 peaks at 512 and 2048 tokens).
-    if backend == "cpu" and fused_loss_model_type(config.get("model_type", "")):
-        a, z = logit_chunks(vocab, h, b * t)[0]
-        logits = 2 * b * t * (z - a) * 4 + 4 * (z - a) * h * 4 + 2 * b * t * h * 4
-    else:
-        logits = 3 * b * t * vocab * 4
+    scratch = _dequant_scratch(shapes, config, backend, b * t, act)
+    logits = _logit_bytes(config, backend, b * t)
     # The backward pass of one attention briefly holds the scores' gradient and its softmax's
     # beside the kept probabilities (~2 more heads x t x t matrices: measured at 2048 tokens once
     # the logits stopped hiding it).
@@ -185,6 +157,48 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
                       reference=reference)
 
 
+def _weight_bytes(shapes: dict, backend: str) -> int:
+    """The weights as stored, float halves counted twice on the CPU (cast to fp32 there)."""
+    total = 0
+    for shape, dtype in shapes.values():
+        size = _BYTES.get(dtype, 4)
+        for d in shape:
+            size *= d
+        if backend == "cpu" and dtype in ("F16", "BF16"):
+            size *= 2
+        total += size
+    return total
+
+
+def _dequant_scratch(shapes: dict, config: dict, backend: str, tokens: int, act: int) -> int:
+    """The largest de-quantized weight, briefly in fp32, twice (forward and backward). The CPU
+    fast path de-quantizes big weights in row chunks and then concatenates the outputs."""
+    scratch = 0
+    for name, (shape, dtype) in shapes.items():
+        if len(shape) != 2:
+            continue
+        rows, cols = shape[0], _in_out(shape, dtype, config, name) // shape[0]
+        chunks = row_chunks(rows, cols, tokens) if backend == "cpu" else [(0, rows)]
+        size = 2 * (chunks[0][1] - chunks[0][0]) * cols * 4
+        if len(chunks) > 1:
+            size += tokens * rows * act
+        scratch = max(scratch, size)
+    return scratch
+
+
+def _logit_bytes(config: dict, backend: str, tokens: int) -> int:
+    """The output layer's logits and loss. The fused loss of the CPU path
+    (fastpath.token_losses) holds one vocabulary chunk of logits and its exp, not the whole
+    logits three times over, and de-quantized head chunks (counted 4x: fitted to
+    bench_memory.py's SmolLM2 peaks at 512 and 2048 tokens)."""
+    vocab, h = config["vocab_size"], config["hidden_size"]
+    if backend == "cpu" and fused_loss_model_type(config.get("model_type", "")):
+        a, z = logit_chunks(vocab, h, tokens)[0]
+        return 2 * tokens * (z - a) * 4 + 4 * (z - a) * h * 4 + 2 * tokens * h * 4
+    return 3 * tokens * vocab * 4
+
+
 def _in_out(shape, dtype, config, name) -> int:
+    # Packed 4-bit (or other) weights are U32 words holding 32 / bits values each.
     cols = shape[1] * 32 // _bits(config, name) if dtype == "U32" else shape[1]
     return shape[0] * cols

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from mlxtune.atomic import storage_error, write_file, write_text
 
 # Preference runs (training_mode dpo/orpo) add the reward statistics, for training and validation.
 REWARDS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
@@ -29,16 +30,17 @@ class MetricsLog:
             self.path.unlink()
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def add(self, **row) -> None:
         """Record one row; keys not measured at this step are left out."""
         row = {k: row[k] for k in KEYS if row.get(k) is not None}
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise storage_error(self.path, e) or e from None
         values = {k: v for k, v in row.items() if k != "step"}
         for tracker in self.trackers:
             tracker.log(values, row["step"])
@@ -67,8 +69,6 @@ class MetricsLog:
         ax.legend()
         fig.tight_layout()
         out = self.path.with_name("loss.png")
-        tmp = out.with_name(f".loss.tmp-{os.getpid()}.png")
-        fig.savefig(tmp)
+        write_file(out, fig.savefig)
         plt.close(fig)
-        os.replace(tmp, out)
         return out

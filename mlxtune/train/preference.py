@@ -1,4 +1,4 @@
-"""Preference tuning: chosen/rejected pairs as token ids, and the DPO and ORPO losses.
+"""Preference tuning: the DPO and ORPO losses on chosen/rejected pairs (tokenized in train/data.py).
 
 A batch of n pairs is 2n rows, the n chosen answers then the n rejected ones, each with a mask on
 its answer tokens; the training loop and the CPU fast path see ordinary (inputs, targets, mask).
@@ -20,7 +20,6 @@ Rewards are beta (c - c0) and beta (r - r0) for DPO, beta c and beta r for ORPO,
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,60 +27,10 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from mlxtune.fastpath import token_losses
-from mlxtune.train.data import Tokenized, render_chat
+from mlxtune.train.data import Pair
 
 MODES = ("sft", "dpo", "orpo")
 STATS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
-
-
-@dataclass
-class Pair:
-    """One preference example: the chosen and the rejected answer, each after the same prompt."""
-
-    chosen: Tokenized
-    rejected: Tokenized
-
-
-def is_preference(record: dict) -> bool:
-    """Whether a prepared JSONL record is a preference pair (prompt, chosen, rejected)."""
-    return "chosen" in record and "rejected" in record
-
-
-def _messages(value, role: str) -> list[dict]:
-    # Our prepared files hold message lists (TRL's conversational form); plain strings, as
-    # mlx-lm-lora's DPO files have them, are one message of `role`.
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    return list(value)
-
-
-def tokenize_answer(tokenizer, prompt: list[dict], answer: list[dict]) -> Tokenized:
-    """Token ids of prompt + answer with the loss mask on the answer (and its end token) only."""
-    if getattr(tokenizer, "chat_template", None):
-        start = len(render_chat(tokenizer, prompt, add_generation_prompt=True))
-        tokens = render_chat(tokenizer, prompt + answer)
-    else:
-        head = tokenizer.encode("\n".join(str(m.get("content", "")) for m in prompt))
-        tail = tokenizer.encode("".join(str(m.get("content", "")) for m in answer),
-                                add_special_tokens=False)
-        start, tokens = len(head), head + tail + [tokenizer.eos_token_id]
-    mask = np.zeros(len(tokens), dtype=bool)
-    mask[start:] = True
-    return Tokenized(np.array(tokens, dtype=np.int32), mask)
-
-
-def tokenize_pair(tokenizer, record: dict, max_seq_length: int) -> Pair | None:
-    """A record as a Pair truncated to `max_seq_length` + 1 tokens; None if a side has no
-    answer token left after truncation."""
-    prompt = _messages(record.get("prompt", []), "user")
-    sides = []
-    for key in ("chosen", "rejected"):
-        t = tokenize_answer(tokenizer, prompt, _messages(record[key], "assistant"))
-        t = Tokenized(t.tokens[: max_seq_length + 1], t.loss_mask[: max_seq_length + 1])
-        if not t.loss_mask[1:].any():
-            return None
-        sides.append(t)
-    return Pair(*sides)
 
 
 def pair_count(mask: mx.array) -> mx.array:
