@@ -70,7 +70,7 @@ def measure(model_dir: str, seq: int, checkpoint: bool, batch: int) -> dict:
                                       f"max_seq_length={seq}", f"grad_checkpoint={checkpoint}",
                                       "num_layers=8", "lora_parameters.keys=[q_proj,v_proj]"])
     plan = plan_memory(Path(model_dir), config, backend(), available_memory())
-    model, _ = load_for_training(Path(model_dir), config)
+    model = load_for_training(Path(model_dir), config)
     apply_lora(model, config)
     if checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint

@@ -109,7 +109,7 @@ def leg_mlxtune(rows, warmup: int, cached: bool = False) -> dict:
     config = load_train_config(None, [
         f"num_layers={LAYERS}", f"lora_parameters.rank={RANK}", f"lora_parameters.scale={SCALE}",
         f"lora_parameters.keys=[{','.join(KEYS)}]", "optimizer=adamw", f"learning_rate={LR}"])
-    model, _ = load_for_training(resolve_model("smollm2-135m"), config)
+    model = load_for_training(resolve_model("smollm2-135m"), config)
     apply_lora(model, config)
     optimizer = optim.AdamW(learning_rate=LR)
     batches = [mx.array(rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)]
