@@ -24,7 +24,7 @@ fi
 # test marked `numerics` (the slowest variant, the reference BLAS, skips the slow ones). All
 # variants run; the exit status says whether any failed.
 failed=()
-run_variant() {  # name, marks, then what `env` takes: NAME=value, or -u NAME to unset
+run_variant() {  # name, marks, then what `env` takes: -u NAME to unset, then NAME=value
   local name=$1 marks=$2
   shift 2
   echo "variants: $name"
@@ -43,8 +43,8 @@ fi
 openblas=$(.venv/bin/python -c "from mlxtune.blas import find_blas; print(find_blas({}) or '')")
 if [ -n "${LD_PRELOAD:-}" ] && [ -n "$openblas" ]; then
   for core in $cores; do
-    run_variant "OPENBLAS_CORETYPE=$core" numerics LD_PRELOAD="$openblas" \
-      OPENBLAS_CORETYPE="$core" -u MKL_THREADING_LAYER
+    run_variant "OPENBLAS_CORETYPE=$core" numerics -u MKL_THREADING_LAYER \
+      LD_PRELOAD="$openblas" OPENBLAS_CORETYPE="$core"
   done
 else
   echo "variants: OpenBLAS core types skipped (no OpenBLAS is preloaded here)"
