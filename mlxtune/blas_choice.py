@@ -88,24 +88,30 @@ def cpu_key(cpuinfo: str | None = None) -> str:
 
 
 def choice_path() -> Path:
-    """Where the measured pick is kept: one file per mlxtune home, keyed inside by CPU."""
+    """Where the measured picks are kept: one file per mlxtune home, an entry per CPU and set of
+    candidate libraries."""
     return mlxtune_home() / "blas-choice.json"
+
+
+def _entry_key(candidates: list[Candidate], cpuinfo: str | None) -> str:
+    # One saved pick per CPU and set of candidate libraries: two virtual environments (each with
+    # its own MKL) on one machine keep a pick each instead of measuring over each other's.
+    libraries = "|".join(sorted(f"{c.name}={c.library}" for c in candidates))
+    return hashlib.sha1(f"{cpu_key(cpuinfo)}|{libraries}".encode()).hexdigest()[:16]
+
+
+def _saved_entries() -> dict:
+    try:
+        saved = json.loads(choice_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def saved_choice(candidates: list[Candidate], cpuinfo: str | None = None) -> dict | None:
     """The saved measurement, if it was made on this CPU with these same candidates."""
-    try:
-        saved = json.loads(choice_path().read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(saved, dict) or saved.get("cpu") != cpu_key(cpuinfo):
-        return None
-    measured = saved.get("candidates", {})
-    if sorted(measured) != sorted(c.name for c in candidates):
-        return None
-    if any(measured[c.name].get("library") != c.library for c in candidates):
-        return None
-    return saved
+    entry = _saved_entries().get(_entry_key(candidates, cpuinfo))
+    return entry if isinstance(entry, dict) and "candidates" in entry else None
 
 
 def measure(repeats: int = 5) -> float:
@@ -173,5 +179,6 @@ def pick(candidates: list[Candidate], base_env: dict[str, str], cpuinfo: str | N
              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     from mlxtune.atomic import write_text
 
-    write_text(choice_path(), json.dumps(saved, indent=1) + "\n")
+    entries = {**_saved_entries(), _entry_key(candidates, cpuinfo): saved}
+    write_text(choice_path(), json.dumps(entries, indent=1) + "\n")
     return saved

@@ -94,6 +94,22 @@ def test_the_pick_measured_on_this_cpu_decides(fake_system, monkeypatch):
         == "SkylakeX"
 
 
+def test_each_environment_keeps_its_own_pick(fake_system, monkeypatch):
+    """Two virtual environments (each its own MKL) on one machine: measuring one keeps the
+    other's pick, so neither measures again on every setup."""
+    other = Candidate("mkl", "/elsewhere/lib/libmkl_rt.so.3", MKL.env)
+    speeds = {MKL.library: 70.0, other.library: 10.0, "/x/libopenblas.so.0": 40.0}
+    monkeypatch.setattr(blas_choice, "measure_in_child",
+                        lambda c, env: {"gflops": speeds[c.library]})
+    for mkl in (MKL, other):
+        monkeypatch.setattr(blas, "mkl_candidate", lambda environ=None, mkl=mkl: mkl)
+        blas_choice.pick(blas.candidates({}, CPUINFO_ZEN4), {}, cpuinfo=CPUINFO_ZEN4)
+    for mkl, picked in ((MKL, "mkl"), (other, "openblas")):
+        monkeypatch.setattr(blas, "mkl_candidate", lambda environ=None, mkl=mkl: mkl)
+        assert blas_choice.saved_choice(blas.candidates({}, CPUINFO_ZEN4),
+                                        CPUINFO_ZEN4)["picked"] == picked
+
+
 def test_the_user_names_a_candidate_or_a_library(fake_system, monkeypatch):
     monkeypatch.setattr(blas, "mkl_candidate", lambda environ=None: MKL)
     assert blas.blas_env({blas.LIB_VAR: "mkl"}, cpuinfo=CPUINFO_ZEN4)["LD_PRELOAD"] == MKL.library
