@@ -84,6 +84,25 @@ def test_rows_are_found_whatever_their_padding_and_neighbours(tmp_path):
         assert not np.array(again[2 - row, n:]).any()
 
 
+def test_the_cache_holds_what_it_counts(tmp_path):
+    """Entries are copies of the kept positions: they do not keep the padded batch alive."""
+    import gc
+
+    model = _model(tmp_path)
+    prefix = FrozenPrefix(model, max_bytes=1 << 30)
+    inputs = mx.array(np.random.default_rng(4).integers(3, 300, size=(3, 512)), mx.int32)
+    mask = mx.zeros((3, 512)).at[:, :8].add(1.0)  # 8 trained positions, 504 of padding
+    mx.eval(inputs, mask)
+    gc.collect()
+    before = mx.get_active_memory()
+    out = prefix.hidden(inputs, mask)
+    del out
+    gc.collect()
+    assert prefix.bytes == 3 * 8 * 64 * 4
+    # The batch's states are 3 x 512 x 64 floats (393 KB); only the 6 KB kept may remain.
+    assert mx.get_active_memory() - before < 4 * prefix.bytes
+
+
 def test_without_room_rows_are_computed_each_time(tmp_path):
     model = _model(tmp_path)
     inputs, targets, mask = _batch(2)

@@ -20,6 +20,7 @@ import hashlib
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
 from mlxtune.errors import ConfigError
@@ -52,23 +53,12 @@ def kept_tokens(examples) -> int:
 def first_trained_layer(model: nn.Module) -> int:
     """Index of the lowest transformer block with a trainable parameter (0: nothing to skip)."""
     inner = model.model
-    if any(True for _ in _leaves(inner.embed_tokens.trainable_parameters())):
+    if tree_flatten(inner.embed_tokens.trainable_parameters()):
         return 0
     for i, layer in enumerate(inner.layers):
-        if any(True for _ in _leaves(layer.trainable_parameters())):
+        if tree_flatten(layer.trainable_parameters()):
             return i
     return len(inner.layers)
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, list | tuple):
-        for v in tree:
-            yield from _leaves(v)
-    elif isinstance(tree, mx.array):
-        yield tree
 
 
 class FrozenPrefix:
@@ -94,7 +84,7 @@ class FrozenPrefix:
         self.lower = list(inner.layers[:self.start])
         self.embed = inner.embed_tokens
         self.sliding_window = getattr(inner, "sliding_window", None)
-        self.dim, self.dtype = model.args.hidden_size, None
+        self.dim = model.args.hidden_size
         self.entries: dict[bytes, mx.array] = {}
         self.bytes = self.hits = self.misses = 0
         for i in range(self.start):
@@ -128,22 +118,20 @@ class FrozenPrefix:
         if todo:
             computed = self._lower_forward(inputs[mx.array(todo)])
             for j, i in enumerate(todo):
-                fresh[keys[i]] = computed[j, :lengths[i]]
+                # A copy, not a view: a view would keep the whole padded batch alive.
+                fresh[keys[i]] = mx.contiguous(computed[j, :lengths[i]])
             mx.eval(list(fresh.values()))
             for key, h in fresh.items():
                 if self.bytes + h.nbytes <= self.max_bytes:
                     self.entries[key], self.bytes = h, self.bytes + h.nbytes
         self.misses += len(todo)
-        self.hits += sum(1 for i, k in enumerate(keys) if lengths[i] and i not in todo)
+        self.hits += sum(1 for n in lengths if n) - len(todo)
         width = inputs.shape[1]
-        if self.dtype is None:
-            self.dtype = next(iter({**fresh, **self.entries}.values()), mx.zeros(0)).dtype
-        rows = []
-        for key, n in zip(keys, lengths):
-            h = self.entries.get(key, fresh.get(key)) if n else None
-            rows.append(mx.zeros((width, self.dim), self.dtype) if h is None
-                        else mx.pad(h, [(0, width - n), (0, 0)]))
-        return mx.stack(rows)
+        kept = [self.entries.get(key, fresh.get(key)) if n else None
+                for key, n in zip(keys, lengths)]
+        dtype = next((h.dtype for h in kept if h is not None), mx.float32)
+        return mx.stack([mx.zeros((width, self.dim), dtype) if h is None
+                         else mx.pad(h, [(0, width - h.shape[0]), (0, 0)]) for h in kept])
 
     def batches(self, batches):
         """`batches` of (index, inputs, targets, mask) with inputs replaced by hidden states."""
