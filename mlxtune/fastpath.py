@@ -289,20 +289,21 @@ def token_losses(model: nn.Module, inputs: mx.array, targets: mx.array,
     entering the first layer the model still computes.
     """
     standard = type(model).__module__ in STANDARD
-    embedded = mx.issubdtype(inputs.dtype, mx.floating)
+    # mlx-lm's models take hidden states as `input_embeddings`, in place of the token ids.
+    x, extra = ((None, {"input_embeddings": inputs}) if mx.issubdtype(inputs.dtype, mx.floating)
+                else (inputs, {}))
     if rows is not None and standard:
-        h = model.model(None, input_embeddings=inputs) if embedded else model.model(inputs)
+        h = model.model(x, **extra)
         h, targets = h.reshape(-1, h.shape[-1])[rows], targets.reshape(-1)[rows]
         head = _fused_head(model) if model.training else None
         if head is not None:
             return linear_cross_entropy(h, head, targets)
         return nn.losses.cross_entropy(_output_head(model)(h).astype(mx.float32), targets)
     head = _fused_head(model) if model.training else None
-    args = (None, None, inputs) if embedded else (inputs,)
     if head is not None:
-        losses = linear_cross_entropy(model.model(*args), head, targets)
+        losses = linear_cross_entropy(model.model(x, **extra), head, targets)
     else:
-        losses = nn.losses.cross_entropy(model(*args).astype(mx.float32), targets)
+        losses = nn.losses.cross_entropy(model(x, **extra).astype(mx.float32), targets)
     return losses if rows is None else losses.reshape(-1)[rows]
 
 
