@@ -226,12 +226,20 @@ def describe() -> dict:
     }
 
 
+# What blas_env adds besides the allocator settings (a candidate's own variables included).
+PRELOAD_VARS = ("LD_PRELOAD", MARKER_VAR, "OPENBLAS_CORETYPE", "MKL_THREADING_LAYER",
+                "BLIS_NUM_THREADS")
+
+
+def without_preload(environ=os.environ) -> dict[str, str]:
+    """`environ` less what a BLAS preload set: a base for a process that picks its own."""
+    return {k: v for k, v in environ.items() if k not in PRELOAD_VARS}
+
+
 def pick_fastest(environ=os.environ) -> dict:
     """Measure every candidate on this CPU and save the fastest (what `--pick` runs)."""
-    base = {k: v for k, v in environ.items()
-            if k not in ("LD_PRELOAD", MARKER_VAR, "OPENBLAS_CORETYPE", OFF_VAR)}
-    base.update(ALLOCATOR_ENV)
-    return pick(candidates(environ), base)
+    base = {k: v for k, v in without_preload(environ).items() if k != OFF_VAR}
+    return pick(candidates(environ), {**base, **ALLOCATOR_ENV})
 
 
 USAGE = """usage: python -m mlxtune.blas --env [NAME] | --pick [--if-unmeasured]
@@ -250,8 +258,9 @@ def main(argv: list[str]) -> int:
         if os.environ.get(LIB_VAR) or disabled():
             print(f"blas: not measured ({LIB_VAR} or {OFF_VAR}=0 decides)")
             return 0
-        if argv[1:] and saved_choice(candidates()):
-            print(f"blas: {saved_choice(candidates())['picked']} (measured on this CPU before)")
+        saved = saved_choice(candidates()) if argv[1:] else None
+        if saved:
+            print(f"blas: {saved['picked']} (measured on this CPU before)")
             return 0
         saved = pick_fastest()
         for name, m in saved["candidates"].items():

@@ -285,12 +285,11 @@ LEGS = {"mlxtune": leg_mlxtune, "mlx_lm": leg_mlx_lm, "mlx_lm+openblas": leg_mlx
 
 def _leg_env(name: str) -> dict:
     """The environment a user of that tool gets: mlxtune's fast BLAS, or stock MLX's own."""
-    from mlxtune.blas import ALLOCATOR_ENV, MARKER_VAR, blas_env
+    from mlxtune.blas import ALLOCATOR_ENV, blas_env, without_preload
 
     # Whatever this shell had loaded (OpenBLAS or MKL and its search path) goes; each leg gets its own.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "MKL_THREADING_LAYER", "LD_LIBRARY_PATH",
-                        MARKER_VAR, *ALLOCATOR_ENV)}
+    env = {k: v for k, v in without_preload().items()
+           if k not in ("LD_LIBRARY_PATH", *ALLOCATOR_ENV)}
     if name in ("mlxtune", "mlxtune+cache", "mlx_lm+openblas", "7b"):
         env.update(blas_env(env))
     return env

@@ -161,8 +161,8 @@ def _doctor(env: dict) -> dict:
 
 
 def _clean_env() -> dict:
-    drop = ("LD_PRELOAD", "OPENBLAS_CORETYPE", blas.MARKER_VAR, blas.OFF_VAR, *blas.ALLOCATOR_ENV)
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    return {k: v for k, v in blas.without_preload().items()
+            if k not in (blas.OFF_VAR, *blas.ALLOCATOR_ENV)}
 
 
 def test_doctor_reports_openblas_when_installed():
