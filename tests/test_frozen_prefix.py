@@ -115,6 +115,20 @@ def test_without_room_rows_are_computed_each_time(tmp_path):
     assert prefix.bytes == 0 and prefix.misses == 6
 
 
+def test_models_it_cannot_cache_are_one_config_error(tmp_path):
+    from mlxtune.errors import ConfigError
+
+    model = _model(tmp_path)
+    model.model.layers[0].drop = nn.Dropout(0.1)  # an untrained layer that is not deterministic
+    with pytest.raises(ConfigError, match=r"^cache_frozen_layers: the untrained layers use "
+                                          r"dropout, so their outputs differ every epoch"):
+        FrozenPrefix(model, max_bytes=1 << 30)
+    model.__class__ = type("Other", (type(model),), {})  # defined here: not llama/qwen2/qwen3
+    with pytest.raises(ConfigError, match=r"^cache_frozen_layers: supported for llama, qwen2 "
+                                          r"and qwen3 models, not test_frozen_prefix$"):
+        FrozenPrefix(model, max_bytes=1 << 30)
+
+
 def test_nothing_to_skip_when_every_layer_trains(tmp_path):
     model = _model(tmp_path, top=4)
     assert first_trained_layer(model) == 0

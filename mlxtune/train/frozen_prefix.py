@@ -72,15 +72,15 @@ class FrozenPrefix:
 
     def __init__(self, model: nn.Module, max_bytes: int):
         if type(model).__module__ not in STANDARD:
-            raise ConfigError("train.cache_frozen_layers: supported for llama, qwen2 and qwen3 "
-                              f"models, not {type(model).__module__.rsplit('.', 1)[-1]}")
+            raise ConfigError([f"cache_frozen_layers: supported for llama, qwen2 and qwen3 "
+                               f"models, not {type(model).__module__.rsplit('.', 1)[-1]}"])
         self.model, self.max_bytes = model, max_bytes
         self.start = first_trained_layer(model)
         inner = model.model
         if any(isinstance(m, nn.Dropout) and m._p_1 < 1 for layer in inner.layers[:self.start]
                for _, m in layer.named_modules()):
-            raise ConfigError("train.cache_frozen_layers: the untrained layers use dropout, so "
-                              "their outputs differ every epoch; turn the cache off")
+            raise ConfigError(["cache_frozen_layers: the untrained layers use dropout, so "
+                               "their outputs differ every epoch; turn the cache off"])
         self.lower = list(inner.layers[:self.start])
         self.embed = inner.embed_tokens
         self.sliding_window = getattr(inner, "sliding_window", None)
