@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxtune import kernels
+from mlxtune.decode_block import fused_block_call
 from mlxtune.cpu_math import (COMPUTE_DTYPE, attention, dequantize, dequantized_matmul,
                               linear_cross_entropy, packed_matmul, swiglu)
 
@@ -48,7 +49,7 @@ class DequantizedLinear(nn.QuantizedLinear):
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedLinear) -> "DequantizedLinear":
         """The same layer, sharing its arrays, computing the de-quantized way."""
-        return _rebase(cls, layer)
+        return rebase(cls, layer)
 
 
 class DequantizedEmbedding(nn.QuantizedEmbedding):
@@ -72,7 +73,7 @@ class DequantizedEmbedding(nn.QuantizedEmbedding):
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedEmbedding) -> "DequantizedEmbedding":
         """The same embedding, sharing its arrays, computing the de-quantized way."""
-        return _rebase(cls, layer)
+        return rebase(cls, layer)
 
 
 # Up to this many rows of x (tokens in a decode batch, or a short prompt), an inference matmul
@@ -130,7 +131,7 @@ class InferenceRoPE(nn.RoPE):
         return super().__call__(x, offset)
 
 
-def _rebase(cls, layer: nn.Module) -> nn.Module:
+def rebase(cls, layer: nn.Module) -> nn.Module:
     # Same arrays, same attributes (group_size, bits, mode, frozen keys): only the class changes,
     # so no weight is copied or re-quantized.
     new = cls.__new__(cls)
@@ -154,7 +155,7 @@ def dequantize_per_layer(model: nn.Module, swaps: dict = _SWAPS) -> int:
     for path, module in model.named_modules():
         target = table.get(type(module))  # exact type: leaves subclasses (and ours) alone
         if target is not None:
-            swaps.append((path, _rebase(target, module)))
+            swaps.append((path, rebase(target, module)))
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
@@ -198,16 +199,40 @@ def _fast_mlp_class(cls: type, inference: bool = False) -> type:
                                        "__doc__": f"{cls.__module__}.MLP with {kind}."})
 
 
-def use_fast_mlps(model: nn.Module, inference: bool = False) -> int:
-    """Swap the MLPs of a STANDARD architecture for twins with the vectorized SwiGLU (training's
-    custom-gradient one, or generation's single op); returns how many were swapped."""
+@lru_cache(maxsize=None)
+def _fused_block_class(cls: type) -> type:
+    def __call__(self, x, mask=None, cache=None):
+        out = fused_block_call(self, x, mask, cache, PACKED_ROWS)
+        return cls.__call__(self, x, mask, cache) if out is None else out
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": __name__,
+                                       "__doc__": f"{cls.__module__}.TransformerBlock, decoding "
+                                                  "through two fused ops when it can."})
+
+
+def _swap_classes(model: nn.Module, name: str, twin) -> int:
+    """Rebase every module of a STANDARD architecture's class `name` onto twin(that class)."""
     module = sys.modules.get(type(model).__module__)
-    mlp = getattr(module, "MLP", None) if type(model).__module__ in STANDARD else None
-    swaps = [(path, _rebase(_fast_mlp_class(mlp, inference), m))
-             for path, m in model.named_modules() if mlp is not None and type(m) is mlp]
+    cls = getattr(module, name, None) if type(model).__module__ in STANDARD else None
+    swaps = [(path, rebase(twin(cls), m))
+             for path, m in model.named_modules() if cls is not None and type(m) is cls]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
+
+
+def use_fast_mlps(model: nn.Module, inference: bool = False) -> int:
+    """Swap the MLPs of a STANDARD architecture for twins with the vectorized SwiGLU (training's
+    custom-gradient one, or generation's single op); returns how many were swapped."""
+    return _swap_classes(model, "MLP", lambda cls: _fast_mlp_class(cls, inference))
+
+
+def use_fused_blocks(model: nn.Module) -> int:
+    """Swap the decoder blocks of a STANDARD architecture for twins that decode through the two
+    fused ops of decode_block.py (generation only: no gradient); returns how many were swapped."""
+    if kernels.decode_qkv is None:
+        return 0
+    return _swap_classes(model, "TransformerBlock", _fused_block_class)
 
 
 # The fast attention keeps its probabilities for the backward pass, as MLX's own does not: above
@@ -333,4 +358,6 @@ def _prepare(model: nn.Module, backend: str | None, swaps: dict) -> nn.Module:
         # Training's SwiGLU has a custom gradient (~7 ops); generation's is one op.
         use_fast_mlps(model, inference=swaps is not _SWAPS)
         use_fast_attention(model)
+        if swaps is not _SWAPS:  # decoding: each block as two fused ops (no gradient)
+            use_fused_blocks(model)
     return model

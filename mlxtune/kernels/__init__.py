@@ -30,7 +30,7 @@ _REASON = "not built (run ./scripts/setup.sh, or python -m mlxtune.kernels.build
 
 # What this package's Python side calls: a module built from older sources lacks some of them.
 KERNELS = ("dequantize", "softmax_parts", "quantized_matmul", "rms_norm", "rope", "attention",
-           "swiglu")
+           "swiglu", "decode_qkv", "decode_out")
 
 
 def _usable(module) -> bool:
@@ -62,6 +62,8 @@ rms_norm = _cpu_kernels.rms_norm if _OK else None
 rope = _cpu_kernels.rope if _OK else None
 attention = _cpu_kernels.attention if _OK else None
 swiglu = _cpu_kernels.swiglu if _OK else None
+decode_qkv = _cpu_kernels.decode_qkv if _OK else None
+decode_out = _cpu_kernels.decode_out if _OK else None
 
 
 def status() -> str:
@@ -69,4 +71,4 @@ def status() -> str:
     if dequantize is None:
         return _REASON
     return ("in use (compiled 4/8-bit de-quantizer and quantized matmul "
-            f"[{_cpu_kernels.matmul_isa()}], softmax parts, rms_norm, rope, attention, swiglu)")
+            f"[{_cpu_kernels.matmul_isa()}], softmax parts, rms_norm, rope, attention, swiglu, fused decode blocks)")

@@ -327,8 +327,7 @@ class Swiglu : public mx::Primitive {
         }
         data[k] = copies[k].data();
       }
-      const int64_t n = inputs[0].size();
-      parallel_rows(n, 8, [&](int64_t a, int64_t b) { swiglu_range(data[0], data[1], o, a, b); });
+      mlxtune::swiglu_raw(data[0], data[1], o, inputs[0].size());
     });
   }
 
@@ -364,6 +363,24 @@ mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice 
 
 }  // namespace
 
+// (group size, bits) pairs from Python's flat list.
+void set_specs(mlxtune::QuantSpec* spec, size_t count, const std::vector<int>& flat) {
+  if (flat.size() != 2 * count) {
+    throw std::invalid_argument("[mlxtune] specs: a group size and bits per weight.");
+  }
+  for (size_t i = 0; i < count; ++i) {
+    spec[i] = {flat[2 * i], flat[2 * i + 1]};
+    if ((spec[i].bits != 4 && spec[i].bits != 8) ||
+        (spec[i].group_size != 32 && spec[i].group_size != 64 && spec[i].group_size != 128)) {
+      throw std::invalid_argument("[mlxtune] specs: bits 4 or 8, group size 32, 64 or 128.");
+    }
+  }
+}
+
+void mlxtune::swiglu_raw(const float* gate, const float* up, float* out, int64_t n) {
+  parallel_rows(n, 8, [&](int64_t a, int64_t b) { swiglu_range(gate, up, out, a, b); });
+}
+
 NB_MODULE(_cpu_kernels, m) {
   m.doc() = "mlxtune's CPU kernels for MLX (built by mlxtune.kernels.build).";
   m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
@@ -387,6 +404,38 @@ NB_MODULE(_cpu_kernels, m) {
   m.def("attention", &mlxtune::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "mask"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none(),
         "softmax(q k^T * scale + mask) v for a few queries (float32, one op; inference only).");
+  m.def(
+      "decode_qkv",
+      [](const mx::array& x, const mx::array& norm, const std::vector<mx::array>& weights,
+         const mx::array& offset, const std::vector<mx::array>& extras, float eps, int heads,
+         int kv_heads, int head_dim, int rope_dims, bool traditional, float rope_base,
+         float rope_scale, const std::vector<int>& specs, bool has_bias, bool has_qk_norm,
+         float qk_eps, mx::StreamOrDevice s) {
+        mlxtune::QkvParams p{eps, heads, kv_heads, head_dim, rope_dims, traditional, rope_base,
+                             rope_scale, {}, has_bias, has_qk_norm, qk_eps};
+        set_specs(p.spec, 3, specs);
+        return mlxtune::decode_qkv(x, norm, weights, offset, extras, p, s);
+      },
+      "x"_a, "norm"_a, "weights"_a, "offset"_a, "extras"_a, nb::kw_only(), "eps"_a, "heads"_a,
+      "kv_heads"_a, "head_dim"_a, "rope_dims"_a, "traditional"_a, "rope_base"_a, "rope_scale"_a,
+      "specs"_a, "has_bias"_a, "has_qk_norm"_a, "qk_eps"_a, "stream"_a = nb::none(),
+      "A block's first half for decoding: rms_norm, the q/k/v projections (weights: three "
+      "(packed, scales, biases) triples; specs: group size and bits of each), extras (q/k/v "
+      "biases, q/k norm weights), RoPE at offset: [q, k, v] as (B, heads, L, head_dim).");
+  m.def(
+      "decode_out",
+      [](const mx::array& x, const mx::array& q, const mx::array& keys, const mx::array& values,
+         const std::vector<mx::array>& weights, const mx::array& norm,
+         const std::optional<mx::array>& mask, float scale, bool causal, float eps,
+         const std::vector<int>& specs, mx::StreamOrDevice s) {
+        mlxtune::OutParams p{scale, causal, eps, {}};
+        set_specs(p.spec, 4, specs);
+        return mlxtune::decode_out(x, q, keys, values, weights, norm, mask, p, s);
+      },
+      "x"_a, "q"_a, "keys"_a, "values"_a, "weights"_a, "norm"_a, "mask"_a = nb::none(),
+      nb::kw_only(), "scale"_a, "causal"_a, "eps"_a, "specs"_a, "stream"_a = nb::none(),
+      "A block's second half for decoding: x + o(attention), then + down(silu(gate) * up) of "
+      "its norm (weights: o, gate, up, down as (packed, scales, biases) triples).");
   m.def("matmul_isa", &mlxtune::matmul_isa, "The instruction set quantized_matmul uses.");
   m.def("set_matmul_isa", &mlxtune::set_matmul_isa, "isa"_a,
         "Use another instruction set the CPU has (avx512, avx2, baseline); returns the previous.");

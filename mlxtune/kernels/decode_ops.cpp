@@ -15,6 +15,7 @@
 
 #include "kernels.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "pool.h"
 
 namespace mlxtune {
 namespace {
@@ -66,13 +67,7 @@ class RmsNorm : public InferenceOnly {
       const float* wd = w.data<float>();
       const int64_t wstep = w.strides()[0];
       for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = x.data<float>() + row_offset(x, r);
-        float* orow = o + r * d;
-        float ss = 0.0f;
-        for (int64_t i = 0; i < d; ++i) ss += xr[i * step] * xr[i * step];
-        // As the fallback: x * rsqrt(mean(x^2) + eps), then times the weight.
-        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
-        for (int64_t i = 0; i < d; ++i) orow[i] = (xr[i * step] * inv) * wd[i * wstep];
+        rms_norm_row(x.data<float>() + row_offset(x, r), step, wd, wstep, d, eps, o + r * d);
       }
     });
   }
@@ -110,36 +105,17 @@ class Rope : public InferenceOnly {
       const int64_t D = x.shape(-1), T = x.shape(-2), B = x.shape(0);
       const int64_t rows = x.size() / D, per_batch = rows / B, half = dims / 2;
       const int64_t step = x.strides().back();
-      std::vector<float> inv_freq(half), cos_t(T * half), sin_t(T * half);
-      const float log_step = std::log(base) / static_cast<float>(half);
-      for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::exp(-static_cast<float>(i) * log_step);
+      std::vector<float> cos_t(T * half), sin_t(T * half);
       int64_t last_b = -1;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t b = r / per_batch, t = r % T;
         if (b != last_b && (b == 0 || offset.size() > 1)) {  // this batch row's angles
           const float start = static_cast<float>(offset.data<int32_t>()[offset.size() > 1 ? b : 0]);
-          for (int64_t p = 0; p < T; ++p) {
-            const float pos = (static_cast<float>(p) + start) * scale;
-            for (int64_t i = 0; i < half; ++i) {
-              const float theta = pos * inv_freq[i];
-              cos_t[p * half + i] = std::cos(theta);
-              sin_t[p * half + i] = std::sin(theta);
-            }
-          }
+          rope_angles(start, T, dims, base, scale, cos_t.data(), sin_t.data());
         }
         last_b = b;
-        const float* xr = x.data<float>() + row_offset(x, r);
-        float* orow = o + r * D;
-        const float* c = cos_t.data() + t * half;
-        const float* s = sin_t.data() + t * half;
-        for (int64_t i = 0; i < half; ++i) {
-          // Pairs (i, i + half), or (2i, 2i + 1) for the traditional layout.
-          const int64_t i1 = traditional ? 2 * i : i, i2 = traditional ? 2 * i + 1 : i + half;
-          const float x1 = xr[i1 * step], x2 = xr[i2 * step];
-          orow[i1] = x1 * c[i] - x2 * s[i];
-          orow[i2] = x1 * s[i] + x2 * c[i];
-        }
-        for (int64_t i = dims; i < D; ++i) orow[i] = xr[i * step];
+        rope_apply(x.data<float>() + row_offset(x, r), step, o + r * D, D, dims, traditional,
+                   cos_t.data() + t * half, sin_t.data() + t * half);
       }
     });
   }
@@ -160,6 +136,47 @@ class Rope : public InferenceOnly {
   float base_, scale_;
 };
 
+class Attention : public InferenceOnly {
+ public:
+  Attention(mx::Stream stream, float scale, bool causal)
+      : InferenceOnly(stream), scale_(scale), causal_(causal) {}
+
+  // softmax(q k^T * scale + mask) v for q (B, H, L, D) and k, v (B, KVH, S, D), any strides;
+  // query head h reads key/value head h / (H / KVH). Rows are (b, h, l): few when decoding.
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& in : inputs) encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    encoder.dispatch([inputs, o = out.data<float>(), scale = scale_, causal = causal_]() {
+      const View4 q = view4(inputs[0]);
+      const int64_t L = q.shape[2], D = q.shape[3], H = q.shape[1];
+      const int64_t out_strides[4] = {H * L * D, L * D, D, 1};  // (B, H, L, D), row-major
+      std::optional<mx::array> mask;
+      if (inputs.size() > 3) mask = inputs[3];
+      attention_raw(q, view4(inputs[1]), view4(inputs[2]), mask_view(mask), scale, causal, o,
+                    out_strides);
+    });
+  }
+
+  const char* name() const override {
+    return "MlxtuneAttention";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Attention&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+};
+
+}  // namespace
+
+namespace {
 typedef float v8f __attribute__((vector_size(32)));
 
 // a . b over n unit-stride floats, eight lanes at a time (GCC keeps a float sum in order, so it
@@ -181,94 +198,123 @@ __attribute__((target_clones("avx2", "default"))) float dot(const float* a, cons
 }
 
 // Strides of `a` broadcast to a rank-4 (B, H, L, S) shape: 0 on axes it has size 1 (or lacks).
-std::vector<int64_t> broadcast_strides(const mx::array& a) {
-  std::vector<int64_t> out(4, 0);
+void broadcast_strides(const mx::array& a, int64_t* out) {
   for (int i = 0; i < a.ndim(); ++i) {
     const int axis = 4 - a.ndim() + i;
     out[axis] = a.shape(i) == 1 ? 0 : a.strides()[i];
   }
-  return out;
 }
 
-class Attention : public InferenceOnly {
- public:
-  Attention(mx::Stream stream, float scale, bool causal)
-      : InferenceOnly(stream), scale_(scale), causal_(causal) {}
+}  // namespace
 
-  // softmax(q k^T * scale + mask) v for q (B, H, L, D) and k, v (B, KVH, S, D), any strides;
-  // query head h reads key/value head h / (H / KVH). Rows are (b, h, l): few when decoding.
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& in : inputs) encoder.set_input_array(in);
-    encoder.set_output_array(out);
-    encoder.dispatch([inputs, o = out.data<float>(), scale = scale_, causal = causal_]() {
-      const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
-      const int64_t B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
-      const int64_t KVH = k.shape(1), S = k.shape(2), group = H / KVH;
-      const auto &qs = q.strides(), &ks = k.strides(), &vs = v.strides();
-      const bool unit = qs[3] == 1 && ks[3] == 1 && vs[3] == 1;  // the usual: rows of floats
-      const bool has_mask = inputs.size() > 3;
-      const bool bool_mask = has_mask && inputs[3].dtype() == mx::bool_;
-      const auto ms = has_mask ? broadcast_strides(inputs[3]) : std::vector<int64_t>(4, 0);
-      std::vector<float> p(S);
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t h = 0; h < H; ++h) {
-          const float* kb = k.data<float>() + b * ks[0] + (h / group) * ks[1];
-          const float* vb = v.data<float>() + b * vs[0] + (h / group) * vs[1];
-          for (int64_t l = 0; l < L; ++l) {
-            const float* qr = q.data<float>() + b * qs[0] + h * qs[1] + l * qs[2];
-            const int64_t m0 = b * ms[0] + h * ms[1] + l * ms[2];
-            float top = -INFINITY;
-            for (int64_t s = 0; s < S; ++s) {
-              float qk = 0.0f;
-              if (unit) {
-                qk = dot(qr, kb + s * ks[2], D);
-              } else {
-                for (int64_t d = 0; d < D; ++d) qk += qr[d * qs[3]] * kb[s * ks[2] + d * ks[3]];
-              }
-              float score = qk * scale;
-              if (causal && s > l + S - L) score = -INFINITY;  // aligned to the last key
-              if (bool_mask && !inputs[3].data<bool>()[m0 + s * ms[3]]) score = -INFINITY;
-              if (has_mask && !bool_mask) score += inputs[3].data<float>()[m0 + s * ms[3]];
-              p[s] = score;
-              top = std::max(top, score);
+void rms_norm_row(const float* x, int64_t step, const float* w, int64_t wstep, int64_t d,
+                  float eps, float* out) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < d; ++i) ss += x[i * step] * x[i * step];
+  // As the fallback: x * rsqrt(mean(x^2) + eps), then times the weight.
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = (x[i * step] * inv) * w[i * wstep];
+}
+
+void rope_angles(float start, int64_t count, int dims, float base, float scale, float* cos_t,
+                 float* sin_t) {
+  const int64_t half = dims / 2;
+  const float log_step = std::log(base) / static_cast<float>(half);
+  for (int64_t p = 0; p < count; ++p) {
+    const float pos = (static_cast<float>(p) + start) * scale;
+    for (int64_t i = 0; i < half; ++i) {
+      const float theta = pos * std::exp(-static_cast<float>(i) * log_step);
+      cos_t[p * half + i] = std::cos(theta);
+      sin_t[p * half + i] = std::sin(theta);
+    }
+  }
+}
+
+void rope_apply(const float* x, int64_t step, float* out, int64_t D, int dims, bool traditional,
+                const float* c, const float* s) {
+  const int64_t half = dims / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    // Pairs (i, i + half), or (2i, 2i + 1) for the traditional layout.
+    const int64_t i1 = traditional ? 2 * i : i, i2 = traditional ? 2 * i + 1 : i + half;
+    const float x1 = x[i1 * step], x2 = x[i2 * step];
+    out[i1] = x1 * c[i] - x2 * s[i];
+    out[i2] = x1 * s[i] + x2 * c[i];
+  }
+  for (int64_t i = dims; i < D; ++i) out[i] = x[i * step];
+}
+
+View4 view4(const mx::array& a) {
+  View4 v{a.data<float>(), {}, {}};
+  for (int i = 0; i < 4; ++i) {
+    v.shape[i] = a.shape(i);
+    v.strides[i] = a.strides()[i];
+  }
+  return v;
+}
+
+MaskView mask_view(const std::optional<mx::array>& mask) {
+  MaskView m;
+  if (!mask) return m;
+  m.data = mask->data<char>();
+  m.is_bool = mask->dtype() == mx::bool_;
+  broadcast_strides(*mask, m.strides);
+  return m;
+}
+
+void attention_raw(const View4& q, const View4& k, const View4& v, const MaskView& mask,
+                   float scale, bool causal, float* out, const int64_t out_strides[4]) {
+  const int64_t B = q.shape[0], H = q.shape[1], L = q.shape[2], D = q.shape[3];
+  const int64_t KVH = k.shape[1], S = k.shape[2], group = H / KVH;
+  const int64_t *qs = q.strides, *ks = k.strides, *vs = v.strides, *ms = mask.strides;
+  const bool unit = qs[3] == 1 && ks[3] == 1 && vs[3] == 1;  // the usual: rows of floats
+  // One task per (batch row, head): its L queries against its key/value head.
+  parallel_rows(B * H, 2 * L * S * D, [&](int64_t r0, int64_t r1) {
+    std::vector<float> p(S);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / H, h = r % H;
+      const float* kb = k.data + b * ks[0] + (h / group) * ks[1];
+      const float* vb = v.data + b * vs[0] + (h / group) * vs[1];
+      for (int64_t l = 0; l < L; ++l) {
+        const float* qr = q.data + b * qs[0] + h * qs[1] + l * qs[2];
+        const int64_t m0 = b * ms[0] + h * ms[1] + l * ms[2];
+        float top = -INFINITY;
+        for (int64_t s = 0; s < S; ++s) {
+          float qk = 0.0f;
+          if (unit) {
+            qk = dot(qr, kb + s * ks[2], D);
+          } else {
+            for (int64_t d = 0; d < D; ++d) qk += qr[d * qs[3]] * kb[s * ks[2] + d * ks[3]];
+          }
+          float score = qk * scale;
+          if (causal && s > l + S - L) score = -INFINITY;  // aligned to the last key
+          if (mask.data != nullptr) {
+            const int64_t at = m0 + s * ms[3];
+            if (mask.is_bool) {
+              if (!static_cast<const bool*>(mask.data)[at]) score = -INFINITY;
+            } else {
+              score += static_cast<const float*>(mask.data)[at];
             }
-            float total = 0.0f;
-            for (int64_t s = 0; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
-            float* orow = o + ((b * H + h) * L + l) * D;
-            for (int64_t d = 0; d < D; ++d) orow[d] = 0.0f;
-            for (int64_t s = 0; s < S; ++s) {
-              const float w = p[s] / total;
-              const float* vr = vb + s * vs[2];
-              if (unit) {
-                for (int64_t d = 0; d < D; ++d) orow[d] += w * vr[d];
-              } else {
-                for (int64_t d = 0; d < D; ++d) orow[d] += w * vr[d * vs[3]];
-              }
-            }
+          }
+          p[s] = score;
+          top = std::max(top, score);
+        }
+        float total = 0.0f;
+        for (int64_t s = 0; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
+        float* orow = out + b * out_strides[0] + h * out_strides[1] + l * out_strides[2];
+        for (int64_t d = 0; d < D; ++d) orow[d] = 0.0f;
+        for (int64_t s = 0; s < S; ++s) {
+          const float w = p[s] / total;
+          const float* vr = vb + s * vs[2];
+          if (unit) {
+            for (int64_t d = 0; d < D; ++d) orow[d] += w * vr[d];
+          } else {
+            for (int64_t d = 0; d < D; ++d) orow[d] += w * vr[d * vs[3]];
           }
         }
       }
-    });
-  }
-
-  const char* name() const override {
-    return "MlxtuneAttention";
-  }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const Attention&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
-  }
-
- private:
-  float scale_;
-  bool causal_;
-};
-
-}  // namespace
+    }
+  }, 1 << 14);
+}
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                     bool causal, const std::optional<mx::array>& mask, mx::StreamOrDevice s) {

@@ -2,8 +2,10 @@
 // nanobind module (cpu_kernels.cpp) binds from qmatmul.cpp.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
@@ -31,6 +33,98 @@ mx::array rope(const mx::array& x, int dims, bool traditional, float base, float
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                     bool causal, const std::optional<mx::array>& mask,
                     mx::StreamOrDevice s = {});
+
+// ---- Raw routines on plain float rows, shared by the single ops above and the fused decode
+// block (decode_block.cpp), which runs a whole transformer block as two ops. ----
+
+enum ScaleType { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_BF16 = 2 };
+
+// A 4/8-bit affine weight (N x K) as quantized_matmul reads it.
+struct QWeight {
+  const uint8_t* w;
+  const void* scales;
+  const void* biases;
+  int64_t N, K;
+  int group_size, bits, scale_type, scale_bytes;
+};
+
+// `a`'s data as a plain row-major buffer: its own when it is one, else a copy into `copy`.
+const void* row_major(const mx::array& a, std::vector<char>& copy);
+// The weight, scales and biases as a QWeight (views copied into copies[0..2]).
+QWeight qweight(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                int group_size, int bits, std::vector<char>* copies);
+// y (M x N) = x (M x K) @ dequantize(w).T, rows of w split over the cores.
+void qmatmul_raw(const float* x, int64_t M, const QWeight& w, float* y);
+// out = silu(gate) * up over n floats, split over the cores.
+void swiglu_raw(const float* gate, const float* up, float* out, int64_t n);
+// One row of rms_norm: out = x * rsqrt(mean(x^2) + eps) * w (x and w with element steps).
+void rms_norm_row(const float* x, int64_t step, const float* w, int64_t wstep, int64_t d,
+                  float eps, float* out);
+// RoPE's cos/sin for `count` positions from `start` (half = dims / 2 of each).
+void rope_angles(float start, int64_t count, int dims, float base, float scale, float* cos_t,
+                 float* sin_t);
+// One head vector rotated: x (D floats, element step `step`) into out (unit step).
+void rope_apply(const float* x, int64_t step, float* out, int64_t D, int dims, bool traditional,
+                const float* c, const float* s);
+
+// A read-only view of a rank-4 float array (any strides) and an optional mask broadcasting to
+// (B, H, L, S): bool (true keeps) or additive float32.
+struct View4 {
+  const float* data;
+  int64_t shape[4], strides[4];
+};
+struct MaskView {
+  const void* data = nullptr;
+  bool is_bool = false;
+  int64_t strides[4] = {0, 0, 0, 0};
+};
+View4 view4(const mx::array& a);
+MaskView mask_view(const std::optional<mx::array>& mask);
+// softmax(q k^T * scale + mask) v into out at out_strides (B, H, L, D order), heads split over
+// the cores; query head h reads key/value head h / (H / KVH).
+void attention_raw(const View4& q, const View4& k, const View4& v, const MaskView& mask,
+                   float scale, bool causal, float* out, const int64_t out_strides[4]);
+
+// ---- A transformer block as two ops for decoding (decode_block.cpp) ----
+
+struct QuantSpec {
+  int group_size = 32, bits = 4;
+  bool operator==(const QuantSpec&) const = default;
+};
+
+struct QkvParams {
+  float eps = 1e-5f;  // the input norm's
+  int heads = 0, kv_heads = 0, head_dim = 0;
+  int rope_dims = 0;
+  bool traditional = false;
+  float rope_base = 10000.0f, rope_scale = 1.0f;
+  QuantSpec spec[3];  // q, k, v
+  bool has_bias = false, has_qk_norm = false;
+  float qk_eps = 1e-6f;
+  bool operator==(const QkvParams&) const = default;
+};
+
+struct OutParams {
+  float scale = 1.0f;  // attention's
+  bool causal = false;
+  float eps = 1e-5f;  // the post-attention norm's
+  QuantSpec spec[4];  // o, gate, up, down
+  bool operator==(const OutParams&) const = default;
+};
+
+// rms_norm(x) through the q, k, v projections (weights: 3 x (packed, scales, biases)), plus
+// extras (q/k/v biases, then q/k norm weights, as the params say), RoPE'd at `offset`:
+// [q (B, H, L, Dh), k (B, KVH, L, Dh), v (B, KVH, L, Dh)].
+std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm,
+                                  const std::vector<mx::array>& weights, const mx::array& offset,
+                                  const std::vector<mx::array>& extras, const QkvParams& p,
+                                  mx::StreamOrDevice s = {});
+// h = x + o(attention(q, keys, values, mask)); h + down(silu(gate(n)) * up(n)), n = norm(h).
+// weights: 4 x (packed, scales, biases) for o, gate, up, down.
+mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& keys,
+                     const mx::array& values, const std::vector<mx::array>& weights,
+                     const mx::array& norm, const std::optional<mx::array>& mask,
+                     const OutParams& p, mx::StreamOrDevice s = {});
 
 // The instruction set quantized_matmul uses ("avx512", "avx2" or "baseline"), and a switch to
 // another the CPU has (tests check every path on one machine); returns the previous one.

@@ -25,7 +25,6 @@
 namespace mlxtune {
 namespace {
 
-enum ScaleType { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_BF16 = 2 };
 
 struct QArgs {
   const float* x;  // M x K; the kernel reads it laid out by lay_out_x
@@ -190,31 +189,6 @@ void lay_out_x(const float* x, float* out, int64_t M, int64_t K, int bits, int m
   }
 }
 
-// `a`'s data as a plain row-major buffer: its own when it is one, else a copy into `copy`.
-const void* row_major(const mx::array& a, std::vector<char>& copy) {
-  if (a.flags().row_contiguous) return a.data<char>();
-  const int64_t item = a.itemsize(), n = a.size();
-  copy.resize(n * item);
-  for (int64_t i = 0; i < n; ++i) {
-    int64_t rest = i, offset = 0;
-    for (int axis = a.ndim() - 1; axis >= 0; --axis) {
-      offset += (rest % a.shape(axis)) * a.strides()[axis];
-      rest /= a.shape(axis);
-    }
-    std::memcpy(copy.data() + i * item, a.data<char>() + offset * item, item);
-  }
-  return copy.data();
-}
-
-void run_matmul(QArgs a) {
-  const Isa isa = isa_now();
-  std::vector<float> x(a.M * a.K);
-  lay_out_x(a.x, x.data(), a.M, a.K, a.bits, isa.max_rows);
-  a.x = x.data();
-  // Per weight row: K weights, each used by M rows of x.
-  parallel_rows(a.N, a.K * std::min<int64_t>(a.M, 8),
-                [&](int64_t n0, int64_t n1) { isa.rows(a, n0, n1); });
-}
 
 class QuantizedMatmul : public mx::Primitive {
  public:
@@ -227,25 +201,13 @@ class QuantizedMatmul : public mx::Primitive {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (auto& in : inputs) encoder.set_input_array(in);
     encoder.set_output_array(out);
-    const auto& scales = inputs[2];
-    QArgs a{nullptr, nullptr, nullptr, nullptr, out.data<float>(),
-            static_cast<int64_t>(inputs[0].size() / inputs[0].shape(-1)), inputs[0].shape(-1),
-            out.shape(-1), group_size_, bits_,
-            scales.dtype() == mx::float32   ? SCALE_F32
-            : scales.dtype() == mx::float16 ? SCALE_F16
-                                            : SCALE_BF16,
-            static_cast<int>(scales.itemsize())};
-    encoder.dispatch([a, inputs]() mutable {
+    encoder.dispatch([inputs, y = out.data<float>(), group_size = group_size_, bits = bits_]() {
       // Views (a sliced weight, a transposed x) are copied here: an mx::contiguous per input
       // would add four ops to every matmul, a fifth of a decode step's per-op overhead.
       std::vector<char> copies[4];
-      const void* data[4];
-      for (int i = 0; i < 4; ++i) data[i] = row_major(inputs[i], copies[i]);
-      a.x = static_cast<const float*>(data[0]);
-      a.w = static_cast<const uint8_t*>(data[1]);
-      a.scales = data[2];
-      a.biases = data[3];
-      run_matmul(a);
+      const auto* x = static_cast<const float*>(row_major(inputs[0], copies[0]));
+      const QWeight w = qweight(inputs[1], inputs[2], inputs[3], group_size, bits, copies + 1);
+      qmatmul_raw(x, inputs[0].size() / inputs[0].shape(-1), w, y);
     });
   }
 
@@ -281,6 +243,48 @@ class QuantizedMatmul : public mx::Primitive {
 };
 
 }  // namespace
+
+// `a`'s data as a plain row-major buffer: its own when it is one, else a copy into `copy`.
+const void* row_major(const mx::array& a, std::vector<char>& copy) {
+  if (a.flags().row_contiguous) return a.data<char>();
+  const int64_t item = a.itemsize(), n = a.size();
+  copy.resize(n * item);
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t rest = i, offset = 0;
+    for (int axis = a.ndim() - 1; axis >= 0; --axis) {
+      offset += (rest % a.shape(axis)) * a.strides()[axis];
+      rest /= a.shape(axis);
+    }
+    std::memcpy(copy.data() + i * item, a.data<char>() + offset * item, item);
+  }
+  return copy.data();
+}
+
+QWeight qweight(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                int group_size, int bits, std::vector<char>* copies) {
+  return QWeight{static_cast<const uint8_t*>(row_major(w, copies[0])),
+                 row_major(scales, copies[1]),
+                 row_major(biases, copies[2]),
+                 w.shape(0),
+                 static_cast<int64_t>(w.shape(1)) * 32 / bits,
+                 group_size,
+                 bits,
+                 scales.dtype() == mx::float32   ? SCALE_F32
+                 : scales.dtype() == mx::float16 ? SCALE_F16
+                                                 : SCALE_BF16,
+                 static_cast<int>(scales.itemsize())};
+}
+
+void qmatmul_raw(const float* x, int64_t M, const QWeight& w, float* y) {
+  const Isa isa = isa_now();
+  std::vector<float> laid(M * w.K);
+  lay_out_x(x, laid.data(), M, w.K, w.bits, isa.max_rows);
+  const QArgs a{laid.data(), w.w, w.scales, w.biases, y, M, w.K, w.N,
+                w.group_size, w.bits, w.scale_type, w.scale_bytes};
+  // Per weight row: K weights, each used by M rows of x.
+  parallel_rows(a.N, a.K * std::min<int64_t>(a.M, 8),
+                [&](int64_t n0, int64_t n1) { isa.rows(a, n0, n1); });
+}
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits,

@@ -1,0 +1,134 @@
+"""A decoder block of the STANDARD architectures (fastpath.py) as two compiled ops when decoding
+on the CPU backend: `kernels.decode_qkv` (input norm, q/k/v projections with their biases and
+qwen3's q/k norms, RoPE) and `kernels.decode_out` (attention, output projection, residual,
+norm, SwiGLU MLP, residual); mlx-lm's own cache object updates the keys and values in between.
+
+A step of SmolLM2-135M was ~750 MLX ops, ~25 a block: scheduling and building them cost more
+than the arithmetic. The fused block computes the same formulas with the same routines as the
+one-op kernels, so its numbers equal theirs to float rounding (tests/test_decode_block.py).
+
+A block takes this path only when all of it is what the ops compute: 4/8-bit affine weights, no
+bias but q/k/v's, nn.RoPE, RMSNorms, fp32, a plain KV cache (not a quantized one), at most
+PACKED_ROWS tokens, and no adapter delta on any projection (a served adapter's slot counts as
+plain while no row of the batch uses an adapter). Anything else runs mlx-lm's block unchanged.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxtune import kernels
+
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+               ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"),
+               ("mlp", "down_proj"))
+
+
+def _quantized(linear) -> nn.QuantizedLinear | None:
+    """`linear` as the plain quantized layer it computes with right now, or None.
+
+    A serving slot (serve/registry.AdapterSlot: `linear` plus a `selection` shared by the
+    model) computes exactly its base layer while no row has an adapter."""
+    selection = getattr(linear, "selection", None)
+    if selection is not None and hasattr(linear, "linear"):
+        return _quantized(linear.linear) if selection.rows is None else None
+    if isinstance(linear, nn.QuantizedLinear) and getattr(linear, "mode", "affine") == "affine" \
+            and "biases" in linear:
+        return linear
+    return None
+
+
+class _Plan:
+    """What a block's fused path needs that does not change between tokens: its modules (to
+    notice a swap), their quantized layers, the selection of a served model's slots, and the
+    ops' settings."""
+
+    def __init__(self, block, modules: list, layers: list, selection):
+        attn = block.self_attn
+        self.modules, self.layers, self.selection = modules, layers, selection
+        heads = attn.n_heads
+        rope = attn.rope
+        self.qk_norms = [attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else []
+        self.has_bias = "bias" in layers[0]
+        self.qkv = dict(eps=block.input_layernorm.eps, heads=heads, kv_heads=attn.n_kv_heads,
+                        head_dim=layers[0]["weight"].shape[0] // heads, rope_dims=rope.dims,
+                        traditional=rope.traditional, rope_base=float(rope.base),
+                        rope_scale=float(rope.scale), has_bias=self.has_bias,
+                        has_qk_norm=bool(self.qk_norms),
+                        qk_eps=self.qk_norms[0].eps if self.qk_norms else 1e-6)
+        specs = [n for layer in layers for n in (layer.group_size, layer.bits)]
+        self.qkv["specs"], self.out_specs = specs[:6], specs[6:]
+        self.out = dict(scale=attn.scale, eps=block.post_attention_layernorm.eps)
+
+    def swapped(self, block) -> bool:
+        """Whether a module of the block is no longer the one planned for (dict lookups: a
+        decode step asks this of every block)."""
+        return not all(block[a][b] is m for (a, b), m in zip(PROJECTIONS, self.modules))
+
+    def adapted(self) -> bool:
+        """Whether a row of the served batch computes an adapter delta now."""
+        return self.selection is not None and self.selection.rows is not None
+
+    def weights(self) -> list:
+        """The seven layers' (packed, scales, biases), in the ops' order."""
+        return [layer[k] for layer in self.layers for k in ("weight", "scales", "biases")]
+
+
+def _make_plan(block) -> _Plan | None:
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    if attn is None or mlp is None or not isinstance(getattr(attn, "rope", None), nn.RoPE):
+        return None
+    norms = [block.input_layernorm, block.post_attention_layernorm]
+    norms += [attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else []
+    if not all(isinstance(n, nn.RMSNorm) and n.weight.dtype == mx.float32 for n in norms):
+        return None
+    modules = [getattr(getattr(block, a), b, None) for a, b in PROJECTIONS]
+    layers = [_quantized(m) for m in modules]
+    if any(layer is None for layer in layers):
+        return None
+    # Biases: q, k and v all or none (qwen2); none elsewhere.
+    if any("bias" in layer for layer in layers[3:]) or len({"bias" in x for x in layers[:3]}) > 1:
+        return None
+    selections = {id(s): s for s in (getattr(m, "selection", None) for m in modules) if s}
+    if len(selections) > 1:
+        return None
+    return _Plan(block, modules, layers, next(iter(selections.values()), None))
+
+
+def decodes_fused(x: mx.array, mask, cache, max_tokens: int) -> bool:
+    """Whether a block call with these arguments is one the fused ops take (before the block's
+    own checks): at most max_tokens fp32 tokens with a plain KV cache and a mask the attention
+    op reads."""
+    return (kernels.decode_qkv is not None and cache is not None and x.dtype == mx.float32
+            and x.ndim == 3 and x.shape[0] * x.shape[1] <= max_tokens
+            and not hasattr(cache, "bits")
+            and (mask is None or isinstance(mask, str)
+                 or (mask.dtype in (mx.bool_, mx.float32) and mask.ndim <= 4)))
+
+
+def fused_block_call(block, x: mx.array, mask, cache, max_tokens: int) -> mx.array | None:
+    """The block's output through the two fused ops, or None when this call is not one they
+    take (the caller then runs mlx-lm's block)."""
+    if not decodes_fused(x, mask, cache, max_tokens):
+        return None
+    plan = block.__dict__.get("_mlxtune_plan", False)
+    if plan is False or (plan is not None and plan.swapped(block)):
+        plan = _make_plan(block)
+        object.__setattr__(block, "_mlxtune_plan", plan)  # a plain attribute, not a child
+    if plan is None or plan.adapted():
+        return None
+    extras = [layer["bias"] for layer in plan.layers[:3]] if plan.has_bias else []
+    extras += [n.weight for n in plan.qk_norms]
+    offset = cache.offset
+    if not isinstance(offset, mx.array):
+        offset = mx.array(offset, dtype=mx.int32)
+    weights = plan.weights()
+    q, k, v = kernels.decode_qkv(x, block.input_layernorm.weight, weights[:9], offset, extras,
+                                 **plan.qkv)
+    keys, values = cache.update_and_fetch(k, v)
+    causal = isinstance(mask, str)
+    return kernels.decode_out(x, q, keys, values, weights[9:],
+                              block.post_attention_layernorm.weight,
+                              None if causal else mask, causal=causal, specs=plan.out_specs,
+                              **plan.out)

@@ -1,0 +1,311 @@
+// A transformer block of the standard architectures (llama, mistral, qwen2, qwen3) as two CPU
+// ops for decoding: `decode_qkv` (norm, q/k/v projections, their biases, qwen3's q/k norms,
+// RoPE) and `decode_out` (attention over the cache, output projection, residual, norm, SwiGLU
+// MLP, residual). The KV cache update between the two stays mlx-lm's own, so every cache class
+// (one sequence, a left-padded batch, the prefix cache's copies) works unchanged.
+//
+// Why: with one op per norm, matmul, rope and attention a decode step of SmolLM2-135M was ~750
+// MLX ops, ~25 a block, and each op costs MLX a few microseconds to schedule and Python a few
+// more to build: more than the arithmetic of a 576-wide model. These compute the same thing
+// through the same routines as the single ops (qmatmul_raw, rms_norm_row, rope_apply,
+// attention_raw, swiglu_raw), so their numbers equal the single ops' to float rounding.
+// fp32 activations; inference only.
+
+#include <array>
+#include <cstring>
+#include <stdexcept>
+
+#include "kernels.h"
+#include "mlx/backend/cpu/encoder.h"
+
+namespace mlxtune {
+namespace {
+
+class BlockOp : public mx::Primitive {
+ public:
+  using mx::Primitive::Primitive;
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string("[mlxtune ") + name() + "] CPU only.");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
+                             const std::vector<int>&, const std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string("[mlxtune ") + name() +
+                             "] inference only, it has no gradient.");
+  }
+
+ protected:
+  // Give each output its memory and hand every array to MLX's CPU encoder.
+  mx::cpu::CommandEncoder& encoder_for(const std::vector<mx::array>& inputs,
+                                       std::vector<mx::array>& outputs) {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& out : outputs) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+      encoder.set_output_array(out);
+    }
+    for (auto& in : inputs) encoder.set_input_array(in);
+    return encoder;
+  }
+};
+
+// The weight at inputs[first .. first + 2] (packed, scales, biases) with its quantization.
+QWeight weight_at(const std::vector<mx::array>& inputs, int first, const QuantSpec& spec,
+                  std::vector<char>* copies) {
+  return qweight(inputs[first], inputs[first + 1], inputs[first + 2], spec.group_size, spec.bits,
+                 copies);
+}
+
+const float* floats(const mx::array& a, std::vector<char>& copy) {
+  return static_cast<const float*>(row_major(a, copy));
+}
+
+void rms_norm_rows(const float* x, int64_t rows, int64_t d, const float* w, float eps,
+                   float* out) {
+  for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * d, 1, w, 1, d, eps, out + r * d);
+}
+
+// Rows (b, l) of `raw` ((B * L) x (heads * Dh)) into out (B, heads, L, Dh), RoPE'd at position
+// offset[b] + l when `rope` (else copied).
+void to_heads(const float* raw, int64_t B, int64_t L, int64_t heads, const QkvParams& p,
+              const int32_t* offset, int64_t offsets, bool rope, float* out) {
+  const int64_t Dh = p.head_dim, half = p.rope_dims / 2;
+  std::vector<float> cos_t(L * half), sin_t(L * half);
+  for (int64_t b = 0; b < B; ++b) {
+    if (rope && (b == 0 || offsets > 1)) {
+      rope_angles(static_cast<float>(offset[offsets > 1 ? b : 0]), L, p.rope_dims, p.rope_base,
+                  p.rope_scale, cos_t.data(), sin_t.data());
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* src = raw + ((b * L + l) * heads + h) * Dh;
+        float* dst = out + ((b * heads + h) * L + l) * Dh;
+        if (rope) {
+          rope_apply(src, 1, dst, Dh, p.rope_dims, p.traditional, cos_t.data() + l * half,
+                     sin_t.data() + l * half);
+        } else {
+          std::memcpy(dst, src, Dh * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+// Inputs: x (B, L, D), the norm's weight, the q, k and v weights (3 arrays each), the RoPE
+// offset (1 or B int32), then the q/k/v biases when has_bias, then the q/k norms' weights when
+// has_qk_norm. Outputs: q (B, H, L, Dh) and k, v (B, KVH, L, Dh), q and k rotated.
+class DecodeQkv : public BlockOp {
+ public:
+  DecodeQkv(mx::Stream stream, const QkvParams& p) : BlockOp(stream), p_(p) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = encoder_for(inputs, outputs);
+    encoder.dispatch([inputs, p = p_, q = outputs[0].data<float>(),
+                      k = outputs[1].data<float>(), v = outputs[2].data<float>()]() {
+      run(inputs, p, {q, k, v});
+    });
+  }
+
+  const char* name() const override {
+    return "MlxtuneDecodeQkv";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return p_ == static_cast<const DecodeQkv&>(other).p_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    const int B = inputs[0].shape(0), L = inputs[0].shape(1);
+    return {{B, p_.heads, L, p_.head_dim}, {B, p_.kv_heads, L, p_.head_dim},
+            {B, p_.kv_heads, L, p_.head_dim}};
+  }
+
+ private:
+  static void run(const std::vector<mx::array>& in, const QkvParams& p,
+                  std::array<float*, 3> outs) {
+    const int64_t B = in[0].shape(0), L = in[0].shape(1), D = in[0].shape(2), M = B * L;
+    const int64_t Dh = p.head_dim, heads[3] = {p.heads, p.kv_heads, p.kv_heads};
+    std::vector<char> copies[16];
+    std::vector<float> normed(M * D);
+    rms_norm_rows(floats(in[0], copies[0]), M, D, floats(in[1], copies[1]), p.eps,
+                  normed.data());
+    const int32_t* offset = in[11].data<int32_t>();
+    for (int j = 0; j < 3; ++j) {
+      const int64_t N = heads[j] * Dh;
+      std::vector<float> raw(M * N);
+      qmatmul_raw(normed.data(), M, weight_at(in, 2 + 3 * j, p.spec[j], copies + 2), raw.data());
+      if (p.has_bias) {
+        const float* bias = floats(in[12 + j], copies[5]);
+        for (int64_t r = 0; r < M; ++r) {
+          for (int64_t n = 0; n < N; ++n) raw[r * N + n] += bias[n];
+        }
+      }
+      if (p.has_qk_norm && j < 2) {  // qwen3: each head's vector normed before RoPE
+        const float* w = floats(in[(p.has_bias ? 15 : 12) + j], copies[6]);
+        for (int64_t r = 0; r < M * heads[j]; ++r) {
+          rms_norm_row(raw.data() + r * Dh, 1, w, 1, Dh, p.qk_eps, raw.data() + r * Dh);
+        }
+      }
+      to_heads(raw.data(), B, L, heads[j], p, offset, in[11].size(), j < 2, outs[j]);
+    }
+  }
+
+  QkvParams p_;
+};
+
+// Inputs: x (B, L, D) (the block's input, the residual), q (B, H, L, Dh), keys and values
+// (B, KVH, S, Dh, any strides: the cache's), the o, gate, up and down weights (3 arrays each)
+// with the second norm's weight after o's, then the mask when there is one. Output: the block's
+// output (B, L, D).
+class DecodeOut : public BlockOp {
+ public:
+  DecodeOut(mx::Stream stream, const OutParams& p) : BlockOp(stream), p_(p) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = encoder_for(inputs, outputs);
+    encoder.dispatch([inputs, p = p_, out = outputs[0].data<float>()]() { run(inputs, p, out); });
+  }
+
+  const char* name() const override {
+    return "MlxtuneDecodeOut";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return p_ == static_cast<const DecodeOut&>(other).p_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  static void run(const std::vector<mx::array>& in, const OutParams& p, float* out) {
+    const int64_t B = in[0].shape(0), L = in[0].shape(1), D = in[0].shape(2), M = B * L;
+    const int64_t H = in[1].shape(1), Dh = in[1].shape(3);
+    std::vector<char> copies[14];
+    // Attention, written straight into (B, L, H, Dh): the layout o_proj reads.
+    std::vector<float> attn(M * H * Dh);
+    const int64_t strides[4] = {L * H * Dh, Dh, H * Dh, 1};
+    std::optional<mx::array> mask;
+    if (in.size() > 17) mask = in[17];
+    attention_raw(view4(in[1]), view4(in[2]), view4(in[3]), mask_view(mask), p.scale, p.causal,
+                  attn.data(), strides);
+    // h = x + o_proj(attn), kept in `out`.
+    std::vector<float> proj(M * D);
+    qmatmul_raw(attn.data(), M, weight_at(in, 4, p.spec[0], copies), proj.data());
+    const float* x = floats(in[0], copies[3]);
+    for (int64_t i = 0; i < M * D; ++i) out[i] = x[i] + proj[i];
+    // out += down(silu(gate(n)) * up(n)), n = rms_norm(h).
+    std::vector<float> normed(M * D);
+    rms_norm_rows(out, M, D, floats(in[7], copies[4]), p.eps, normed.data());
+    const QWeight gate = weight_at(in, 8, p.spec[1], copies + 5);
+    std::vector<float> g(M * gate.N), u(M * gate.N);
+    qmatmul_raw(normed.data(), M, gate, g.data());
+    qmatmul_raw(normed.data(), M, weight_at(in, 11, p.spec[2], copies + 8), u.data());
+    swiglu_raw(g.data(), u.data(), g.data(), M * gate.N);
+    qmatmul_raw(g.data(), M, weight_at(in, 14, p.spec[3], copies + 11), proj.data());
+    for (int64_t i = 0; i < M * D; ++i) out[i] += proj[i];
+  }
+
+  OutParams p_;
+};
+
+void check_weights(const std::vector<mx::array>& w, size_t count, const char* op) {
+  if (w.size() != count) {
+    throw std::invalid_argument(std::string("[mlxtune ") + op + "] expects " +
+                                std::to_string(count) + " weight arrays.");
+  }
+  for (size_t i = 0; i < count; i += 3) {
+    if (w[i].dtype() != mx::uint32 || w[i].ndim() != 2 || w[i + 1].shape() != w[i + 2].shape() ||
+        w[i + 1].shape(0) != w[i].shape(0)) {
+      throw std::invalid_argument(std::string("[mlxtune ") + op +
+                                  "] weights: (packed uint32, scales, biases) triples.");
+    }
+  }
+}
+
+// Input width of weight triple i (packed uint32 words x 32 / bits), checked against its scales.
+int64_t in_width(const std::vector<mx::array>& w, size_t i, const QuantSpec& spec,
+                 const char* op) {
+  const int64_t K = static_cast<int64_t>(w[i].shape(1)) * 32 / spec.bits;
+  if (static_cast<int64_t>(w[i + 1].shape(1)) * spec.group_size != K) {
+    throw std::invalid_argument(std::string("[mlxtune ") + op +
+                                "] scales do not match the weights' group size.");
+  }
+  return K;
+}
+
+void check_x(const mx::array& x, const char* op) {
+  if (x.dtype() != mx::float32 || x.ndim() != 3) {
+    throw std::invalid_argument(std::string("[mlxtune ") + op + "] expects float32 x (B, L, D).");
+  }
+}
+
+}  // namespace
+
+std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm,
+                                  const std::vector<mx::array>& weights, const mx::array& offset,
+                                  const std::vector<mx::array>& extras, const QkvParams& p,
+                                  mx::StreamOrDevice s) {
+  check_x(x, "decode_qkv");
+  check_weights(weights, 9, "decode_qkv");
+  const size_t want = (p.has_bias ? 3 : 0) + (p.has_qk_norm ? 2 : 0);
+  if (extras.size() != want || norm.ndim() != 1 || norm.shape(0) != x.shape(2) || offset.ndim() > 1 ||
+      (offset.size() != 1 && offset.size() != static_cast<size_t>(x.shape(0))) ||
+      weights[0].shape(0) != p.heads * p.head_dim ||
+      weights[3].shape(0) != p.kv_heads * p.head_dim ||
+      weights[6].shape(0) != p.kv_heads * p.head_dim || p.rope_dims > p.head_dim ||
+      p.rope_dims % 2 != 0 || in_width(weights, 0, p.spec[0], "decode_qkv") != x.shape(2) ||
+      in_width(weights, 3, p.spec[1], "decode_qkv") != x.shape(2) ||
+      in_width(weights, 6, p.spec[2], "decode_qkv") != x.shape(2)) {
+    throw std::invalid_argument(
+        "[mlxtune decode_qkv] weights, offset or extras do not match the heads.");
+  }
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> inputs = {x, norm};
+  inputs.insert(inputs.end(), weights.begin(), weights.end());
+  inputs.push_back(mx::astype(offset, mx::int32, stream));
+  inputs.insert(inputs.end(), extras.begin(), extras.end());
+  const int B = x.shape(0), L = x.shape(1);
+  return mx::array::make_arrays(
+      {{B, p.heads, L, p.head_dim}, {B, p.kv_heads, L, p.head_dim},
+       {B, p.kv_heads, L, p.head_dim}},
+      {mx::float32, mx::float32, mx::float32}, std::make_shared<DecodeQkv>(stream, p), inputs);
+}
+
+mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& keys,
+                     const mx::array& values, const std::vector<mx::array>& weights,
+                     const mx::array& norm, const std::optional<mx::array>& mask,
+                     const OutParams& p, mx::StreamOrDevice s) {
+  check_x(x, "decode_out");
+  check_weights(weights, 12, "decode_out");
+  for (const auto* a : {&q, &keys, &values}) {
+    if (a->dtype() != mx::float32 || a->ndim() != 4) {
+      throw std::invalid_argument("[mlxtune decode_out] q, keys, values: float32 rank 4.");
+    }
+  }
+  const int64_t D = x.shape(2), F = weights[3].shape(0);
+  if (keys.shape() != values.shape() || q.shape(0) != keys.shape(0) ||
+      q.shape(3) != keys.shape(3) || q.shape(1) % keys.shape(1) != 0 ||
+      q.shape(0) != x.shape(0) || q.shape(2) != x.shape(1) ||
+      in_width(weights, 0, p.spec[0], "decode_out") != q.shape(1) * q.shape(3) ||
+      weights[0].shape(0) != D || in_width(weights, 3, p.spec[1], "decode_out") != D ||
+      in_width(weights, 6, p.spec[2], "decode_out") != D || weights[6].shape(0) != F ||
+      in_width(weights, 9, p.spec[3], "decode_out") != F || weights[9].shape(0) != D ||
+      norm.ndim() != 1 || norm.shape(0) != D) {
+    throw std::invalid_argument(
+        "[mlxtune decode_out] q, keys, values and the weights do not match.");
+  }
+  if (mask && (mask->ndim() > 4 || (mask->dtype() != mx::bool_ && mask->dtype() != mx::float32))) {
+    throw std::invalid_argument("[mlxtune decode_out] mask: bool or float32, at most 4-D.");
+  }
+  std::vector<mx::array> inputs = {x, q, keys, values};
+  inputs.insert(inputs.end(), weights.begin(), weights.begin() + 3);
+  inputs.push_back(norm);
+  inputs.insert(inputs.end(), weights.begin() + 3, weights.end());
+  if (mask) inputs.push_back(*mask);
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<DecodeOut>(mx::to_stream(s), p), inputs);
+}
+
+}  // namespace mlxtune

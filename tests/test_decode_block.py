@@ -1,0 +1,197 @@
+"""The fused decode block (mlxtune/decode_block.py): a decoder block as two compiled ops when
+generating on the CPU. Each test compares against the same model with the fused ops switched
+off (the one-op kernels and mlx-lm's block), and checks the fused ops really ran (or really did
+not, where the block must fall back)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlxtune import kernels
+from mlxtune.fastpath import prepare_for_inference
+
+pytestmark = pytest.mark.skipif(kernels.decode_qkv is None, reason="kernels not built")
+
+BASE = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "vocab_size": 100, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": False}
+ARCHS = {  # module, extra config: plain llama, qwen2 (q/k/v biases), qwen3 (q/k norms)
+    "llama": ("llama", {}),
+    "llama-traditional-rope": ("llama", {"rope_traditional": True, "head_dim": 64}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 32}),
+}
+
+
+def _model(arch: str, bits: int = 4, group_size: int = 32, seed: int = 0):
+    import importlib
+
+    module, extra = ARCHS[arch]
+    lib = importlib.import_module(f"mlx_lm.models.{module}")
+    mx.random.seed(seed)
+    model = lib.Model(lib.ModelArgs.from_dict({"model_type": module, **BASE, **extra}))
+    # Random biases and norm weights, so a mix-up of any of them shows.
+    noisy = [(k, mx.random.normal(v.shape) * 0.5 + (1.0 if "norm" in k else 0.0))
+             for k, v in tree_flatten(model.parameters()) if k.endswith("bias") or "norm" in k]
+    model.update(tree_unflatten(noisy))
+    nn.quantize(model, group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    return prepare_for_inference(model, "cpu")
+
+
+class _Count:
+    """Counts calls of the fused ops (kernels.decode_out), or switches them off."""
+
+    def __init__(self, monkeypatch, off: bool = False):
+        self.calls = 0
+        real = kernels.decode_out
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, "decode_out", counted)
+        if off:
+            monkeypatch.setattr(kernels, "decode_qkv", None)
+
+
+def _decode(model, prompt: list[int], steps: int):
+    """Logits of the prompt's last position and of `steps` greedy decode steps."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([prompt]), cache=cache)[:, -1]
+    out = [logits]
+    for _ in range(steps):
+        logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
+        out.append(logits)
+    return mx.stack(out)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (4, 128)])
+def test_fused_block_equals_one_op_path(arch, bits, group_size, monkeypatch):
+    model = _model(arch, bits, group_size)
+    prompt = [3, 17, 42, 5, 99, 7, 1]
+    with monkeypatch.context() as m:
+        _Count(m, off=True)
+        want = _decode(model, prompt, 8)
+    count = _Count(monkeypatch)
+    got = _decode(model, prompt, 8)
+    # The 7-token prompt (<= PACKED_ROWS, causal mask) and every step, in both blocks.
+    assert count.calls == 2 * 9
+    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), \
+        mx.abs(got - want).max().item()
+
+
+def test_batched_decode_with_padding_masks(monkeypatch):
+    """mlx-lm's BatchGenerator (serve's): left-padded rows of different lengths, each row's
+    RoPE offset and padding mask through the fused attention."""
+    from mlx_lm.generate import BatchGenerator
+
+    model = _model("qwen2")
+    prompts = [[5, 9, 14, 2, 77, 31, 8], [40, 41], [3, 12, 7, 7]]
+
+    def greedy():
+        gen = BatchGenerator(model, completion_batch_size=3, prefill_batch_size=3)
+        uids = gen.insert(prompts, max_tokens=[6, 6, 6])
+        out = {uid: [] for uid in uids}
+        for _ in range(20):
+            for r in gen.next()[1]:
+                out[r.uid].append(r.token)
+            if all(len(v) == 6 for v in out.values()):
+                break
+        gen.close()
+        return [out[uid] for uid in uids]
+
+    with monkeypatch.context() as m:
+        _Count(m, off=True)
+        want = greedy()
+    count = _Count(monkeypatch)
+    assert greedy() == want
+    assert count.calls >= 2 * 5  # the decode steps at least
+
+
+def test_a_lora_wrapped_block_falls_back_and_a_swap_is_noticed(monkeypatch):
+    """Planned, then LoRA-wrapped (a module swap): the block notices and runs mlx-lm's block
+    with the adapter's delta, equal to the one-op path's answer."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = _model("llama")
+    prompt = [3, 17, 42]
+    _decode(model, prompt, 1)  # plans every block
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    for layer in model.model.layers:
+        lora = layer.self_attn.q_proj
+        lora.lora_b = mx.random.normal(lora.lora_b.shape) * 0.1
+    with monkeypatch.context() as m:
+        _Count(m, off=True)
+        want = _decode(model, prompt, 3)
+    count = _Count(monkeypatch)
+    got = _decode(model, prompt, 3)
+    assert count.calls == 0
+    assert mx.allclose(got, want, atol=1e-5).item()
+
+
+def test_served_adapter_slots_fuse_only_for_all_base_batches(monkeypatch):
+    """serve's AdapterSlot wrappers: while no row uses an adapter the block fuses (the base's
+    answer); a batch with an adapter row runs the per-op path with its delta."""
+    from mlxtune.serve.registry import AdapterSlot, Selection
+
+    model = _model("llama")
+    selection = Selection()
+    for i, layer in enumerate(model.model.layers):
+        for name in ("q_proj", "v_proj"):
+            path = f"model.layers.{i}.self_attn.{name}"
+            linear = getattr(layer.self_attn, name)
+            out_dims = linear.weight.shape[0]
+            a = mx.random.normal((2, 128, 4)) * 0.1
+            b = mx.random.normal((2, 4, out_dims)) * 0.1
+            selection.stacks[path] = (a * mx.array([0.0, 1.0])[:, None, None], b, None)
+            layer.self_attn.update_modules({name: AdapterSlot(linear, path, selection)})
+    prompt = [3, 17, 42]
+    base = _model("llama")
+    want_base = _decode(base, prompt, 3)
+    count = _Count(monkeypatch)
+    assert mx.allclose(_decode(model, prompt, 3), want_base, atol=1e-4).item()
+    assert count.calls == 2 * 4
+    selection.point([1], [1.0])
+    with monkeypatch.context() as m:
+        _Count(m, off=True)
+        want = _decode(model, prompt, 3)
+    count.calls = 0
+    got = _decode(model, prompt, 3)
+    assert count.calls == 0
+    assert mx.allclose(got, want, atol=1e-5).item()
+    assert not mx.allclose(got, want_base, atol=1e-3).item()  # the adapter did change it
+
+
+def test_long_prompts_and_quantized_caches_take_mlx_lm_s_block(monkeypatch):
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    model = _model("llama")
+    count = _Count(monkeypatch)
+    model(mx.array([list(range(40))]))  # no cache, 40 tokens: neither is decoding
+    cache = [QuantizedKVCache(group_size=32, bits=8) for _ in model.model.layers]
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    assert count.calls == 0
+
+
+def test_ops_refuse_mismatched_weights():
+    model = _model("llama")
+    layer = model.model.layers[0]
+    weights = [layer.self_attn.q_proj[k] for k in ("weight", "scales", "biases")] * 3
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.decode_qkv(mx.zeros((1, 1, 128)), layer.input_layernorm.weight, weights,
+                           mx.array(0), [], eps=1e-5, heads=4, kv_heads=2, head_dim=32,
+                           rope_dims=32, traditional=False, rope_base=1e4, rope_scale=1.0,
+                           specs=[32, 4] * 3, has_bias=False, has_qk_norm=False, qk_eps=1e-6)
+    with pytest.raises(ValueError, match="specs"):
+        kernels.decode_qkv(mx.zeros((1, 1, 128)), layer.input_layernorm.weight, weights,
+                           mx.array(0), [], eps=1e-5, heads=4, kv_heads=2, head_dim=32,
+                           rope_dims=32, traditional=False, rope_base=1e4, rope_scale=1.0,
+                           specs=[32, 3] * 3, has_bias=False, has_qk_norm=False, qk_eps=1e-6)
