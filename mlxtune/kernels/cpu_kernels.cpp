@@ -32,6 +32,7 @@
 #include "kernels.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
+#include "vec_math.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -39,9 +40,10 @@ using mlxtune::parallel_rows;
 
 namespace {
 
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef float v8f __attribute__((vector_size(32)));
+using mlxtune::fast_exp;
+using mlxtune::v8f;
+using mlxtune::v8i;
+using mlxtune::v8u;
 
 // One row range of a (rows x cols) weight; `words` 32-bit words per row.
 template <typename S>
@@ -165,38 +167,6 @@ mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::arra
 
 
 // ---- softmax_parts: a row's max, exp(x - max) and its sum, for the fused cross-entropy ----
-
-// 2^n for whole-valued n in [-126, 127], from its exponent bits.
-__attribute__((always_inline)) inline float pow2(float n) {
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-__attribute__((always_inline)) inline v8f pow2(v8f n) {
-  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  v8f out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-// Cephes' expf, as cpu_math.exp: e^x = 2^n e^r with |r| <= ln(2)/2, x clipped to [-87, 88].
-// V is float or v8f (the same code, eight lanes at a time).
-template <typename V>
-__attribute__((always_inline)) inline V fast_exp(V x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const V n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const V r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  V p = x * 0.0f + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  return (p * r * r + r + 1.0f) * pow2(n);
-}
 
 __attribute__((target_clones("avx2", "default"))) void softmax_rows(
     const float* x, float* e, float* maxes, float* sums, int64_t row_begin, int64_t row_end,

@@ -130,23 +130,30 @@ class DecodeQkv : public BlockOp {
     rms_norm_rows(floats(in[0], copies[0]), M, D, floats(in[1], copies[1]), p.eps,
                   normed.data());
     const int32_t* offset = in[11].data<int32_t>();
+    std::vector<float> raw[3];
+    QWeight w[3];
+    float* ys[3];
+    for (int j = 0; j < 3; ++j) {
+      w[j] = weight_at(in, 2 + 3 * j, p.spec[j], copies + 2 + 3 * j);
+      raw[j].resize(M * heads[j] * Dh);
+      ys[j] = raw[j].data();
+    }
+    qmatmul_multi(normed.data(), M, w, ys, 3);
     for (int j = 0; j < 3; ++j) {
       const int64_t N = heads[j] * Dh;
-      std::vector<float> raw(M * N);
-      qmatmul_raw(normed.data(), M, weight_at(in, 2 + 3 * j, p.spec[j], copies + 2), raw.data());
       if (p.has_bias) {
-        const float* bias = floats(in[12 + j], copies[5]);
+        const float* bias = floats(in[12 + j], copies[11]);
         for (int64_t r = 0; r < M; ++r) {
-          for (int64_t n = 0; n < N; ++n) raw[r * N + n] += bias[n];
+          for (int64_t n = 0; n < N; ++n) raw[j][r * N + n] += bias[n];
         }
       }
       if (p.has_qk_norm && j < 2) {  // qwen3: each head's vector normed before RoPE
-        const float* w = floats(in[(p.has_bias ? 15 : 12) + j], copies[6]);
+        const float* nw = floats(in[(p.has_bias ? 15 : 12) + j], copies[12]);
         for (int64_t r = 0; r < M * heads[j]; ++r) {
-          rms_norm_row(raw.data() + r * Dh, 1, w, 1, Dh, p.qk_eps, raw.data() + r * Dh);
+          rms_norm_row(raw[j].data() + r * Dh, 1, nw, 1, Dh, p.qk_eps, raw[j].data() + r * Dh);
         }
       }
-      to_heads(raw.data(), B, L, heads[j], p, offset, in[11].size(), j < 2, outs[j]);
+      to_heads(raw[j].data(), B, L, heads[j], p, offset, in[11].size(), j < 2, outs[j]);
     }
   }
 
@@ -198,11 +205,13 @@ class DecodeOut : public BlockOp {
     // out += down(silu(gate(n)) * up(n)), n = rms_norm(h).
     std::vector<float> normed(M * D);
     rms_norm_rows(out, M, D, floats(in[7], copies[4]), p.eps, normed.data());
-    const QWeight gate = weight_at(in, 8, p.spec[1], copies + 5);
-    std::vector<float> g(M * gate.N), u(M * gate.N);
-    qmatmul_raw(normed.data(), M, gate, g.data());
-    qmatmul_raw(normed.data(), M, weight_at(in, 11, p.spec[2], copies + 8), u.data());
-    swiglu_raw(g.data(), u.data(), g.data(), M * gate.N);
+    const QWeight gate_up[2] = {weight_at(in, 8, p.spec[1], copies + 5),
+                                weight_at(in, 11, p.spec[2], copies + 8)};
+    const int64_t F = gate_up[0].N;
+    std::vector<float> g(M * F), u(M * F);
+    float* const ys[2] = {g.data(), u.data()};
+    qmatmul_multi(normed.data(), M, gate_up, ys, 2);
+    swiglu_raw(g.data(), u.data(), g.data(), M * F);
     qmatmul_raw(g.data(), M, weight_at(in, 14, p.spec[3], copies + 11), proj.data());
     for (int64_t i = 0; i < M * D; ++i) out[i] += proj[i];
   }

@@ -55,6 +55,9 @@ QWeight qweight(const mx::array& w, const mx::array& scales, const mx::array& bi
                 int group_size, int bits, std::vector<char>* copies);
 // y (M x N) = x (M x K) @ dequantize(w).T, rows of w split over the cores.
 void qmatmul_raw(const float* x, int64_t M, const QWeight& w, float* y);
+// y[i] = x @ dequantize(w[i]).T for `count` weights of one input width, their rows split over
+// the cores together.
+void qmatmul_multi(const float* x, int64_t M, const QWeight* w, float* const* y, int count);
 // out = silu(gate) * up over n floats, split over the cores.
 void swiglu_raw(const float* gate, const float* up, float* out, int64_t n);
 // One row of rms_norm: out = x * rsqrt(mean(x^2) + eps) * w (x and w with element steps).

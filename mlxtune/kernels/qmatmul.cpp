@@ -276,14 +276,37 @@ QWeight qweight(const mx::array& w, const mx::array& scales, const mx::array& bi
 }
 
 void qmatmul_raw(const float* x, int64_t M, const QWeight& w, float* y) {
+  qmatmul_multi(x, M, &w, &y, 1);
+}
+
+void qmatmul_multi(const float* x, int64_t M, const QWeight* w, float* const* y, int count) {
   const Isa isa = isa_now();
-  std::vector<float> laid(M * w.K);
-  lay_out_x(x, laid.data(), M, w.K, w.bits, isa.max_rows);
-  const QArgs a{laid.data(), w.w, w.scales, w.biases, y, M, w.K, w.N,
-                w.group_size, w.bits, w.scale_type, w.scale_bytes};
-  // Per weight row: K weights, each used by M rows of x.
-  parallel_rows(a.N, a.K * std::min<int64_t>(a.M, 8),
-                [&](int64_t n0, int64_t n1) { isa.rows(a, n0, n1); });
+  const int64_t K = w[0].K;
+  // x laid out once per bit width in use (the layout differs for 4 and 8 bits).
+  std::vector<float> laid[2];
+  std::vector<QArgs> args;
+  int64_t rows = 0;
+  for (int i = 0; i < count; ++i) {
+    std::vector<float>& buf = laid[w[i].bits == 4 ? 0 : 1];
+    if (buf.empty()) {
+      buf.resize(M * K);
+      lay_out_x(x, buf.data(), M, K, w[i].bits, isa.max_rows);
+    }
+    args.push_back({buf.data(), w[i].w, w[i].scales, w[i].biases, y[i], M, K, w[i].N,
+                    w[i].group_size, w[i].bits, w[i].scale_type, w[i].scale_bytes});
+    rows += w[i].N;
+  }
+  // One split of all the weights' rows over the cores (K weights a row, each used by M rows of
+  // x): three small matmuls in a row would each be too small to split (a 192 x 576 k_proj ran
+  // on one core).
+  parallel_rows(rows, K * std::min<int64_t>(M, 8), [&](int64_t r0, int64_t r1) {
+    int64_t first = 0;
+    for (const QArgs& a : args) {
+      const int64_t lo = std::max(r0, first), hi = std::min(r1, first + a.N);
+      if (lo < hi) isa.rows(a, lo - first, hi - first);
+      first += a.N;
+    }
+  });
 }
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
