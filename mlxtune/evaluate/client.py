@@ -4,6 +4,8 @@ greedy, with the model's chat template)."""
 
 from __future__ import annotations
 
+import gc
+
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -166,6 +168,10 @@ class LocalBackend:
         # decoding from the packed weights, prefill and perplexity de-quantized per layer.
         prepare_for_inference(model)
         self.model, self.tokenizer = model, tokenizer
+        # As serve does: the model's Python objects live as long as this backend; keep the
+        # garbage collector from walking them on every generated token.
+        gc.collect()
+        gc.freeze()
 
     def _prompt(self, example: Example) -> str:
         if example.messages is None:

@@ -34,6 +34,7 @@ struct QArgs {
   float* y;  // M x N
   int64_t M, K, N;
   int group_size, bits, scale_type, scale_bytes;
+  const float* xsum = nullptr;  // one row of x: its sum per group (the one-row path)
 };
 
 // IEEE half to float without F16C (the baseline build).
@@ -283,7 +284,7 @@ void qmatmul_multi(const float* x, int64_t M, const QWeight* w, float* const* y,
   const Isa isa = isa_now();
   const int64_t K = w[0].K;
   // x laid out once per bit width in use (the layout differs for 4 and 8 bits).
-  std::vector<float> laid[2];
+  std::vector<float> laid[2], sums[3];  // sums: by group size 32, 64, 128
   std::vector<QArgs> args;
   int64_t rows = 0;
   for (int i = 0; i < count; ++i) {
@@ -294,6 +295,14 @@ void qmatmul_multi(const float* x, int64_t M, const QWeight* w, float* const* y,
     }
     args.push_back({buf.data(), w[i].w, w[i].scales, w[i].biases, y[i], M, K, w[i].N,
                     w[i].group_size, w[i].bits, w[i].scale_type, w[i].scale_bytes});
+    if (M == 1 && w[i].bits == 4) {
+      std::vector<float>& sum = sums[w[i].group_size / 64];
+      if (sum.empty()) {
+        sum.assign(K / w[i].group_size, 0.0f);
+        for (int64_t k = 0; k < K; ++k) sum[k / w[i].group_size] += x[k];
+      }
+      args.back().xsum = sum.data();
+    }
     rows += w[i].N;
   }
   // One split of all the weights' rows over the cores (K weights a row, each used by M rows of
