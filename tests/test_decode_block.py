@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxtune import kernels
 from mlxtune.fastpath import prepare_for_inference
 
-pytestmark = pytest.mark.skipif(kernels.decode_qkv is None, reason="kernels not built")
+pytestmark = [pytest.mark.skipif(kernels.decode_qkv is None, reason="kernels not built"),
+              pytest.mark.numerics]
 
 BASE = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256,
         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
@@ -86,6 +87,25 @@ def test_fused_block_equals_one_op_path(arch, bits, group_size, monkeypatch):
     assert count.calls == 2 * 9
     assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), \
         mx.abs(got - want).max().item()
+
+
+def test_fused_block_equals_one_op_path_on_every_instruction_set(monkeypatch):
+    from tests.test_kernels import _isas
+
+    ours = kernels._cpu_kernels
+    default = ours.matmul_isa()
+    model = _model("qwen3", 4, 64)
+    prompt = [3, 17, 42, 5]
+    try:
+        for isa in _isas():
+            ours.set_matmul_isa(isa)
+            with monkeypatch.context() as m:
+                _Count(m, off=True)
+                want = _decode(model, prompt, 4)
+            got = _decode(model, prompt, 4)
+            assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), isa
+    finally:
+        ours.set_matmul_isa(default)
 
 
 def test_batched_decode_with_padding_masks(monkeypatch):
