@@ -56,6 +56,11 @@ done
 curl -fs "http://127.0.0.1:$PORT/health" >/dev/null
 
 step "5/5 eval: tuned vs base on the held-out test split"
+# A previous demo's eval is kept as eval.previous (eval itself refuses to overwrite results).
+if [ -e "$OUT/eval" ]; then
+  rm -rf "$OUT/eval.previous"
+  mv "$OUT/eval" "$OUT/eval.previous"
+fi
 $MLXTUNE eval --data "$OUT/data/test.jsonl" --url "http://127.0.0.1:$PORT/v1" --model tuned \
   --compare smollm2-135m --metrics exact,json,chrf --max-tokens 48 --out "$OUT/eval" \
   ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}
