@@ -267,16 +267,13 @@ __attribute__((target_clones("avx2", "default"))) void swiglu_range(
   for (; i < end; ++i) out[i] = gate[i] * up[i] / (1.0f + fast_exp(-gate[i]));
 }
 
-class Swiglu : public mx::Primitive {
+class Swiglu : public mlxtune::InferenceOnly {
  public:
-  explicit Swiglu(mx::Stream stream) : mx::Primitive(stream) {}
+  explicit Swiglu(mx::Stream stream) : mlxtune::InferenceOnly(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = encoder_for(inputs, outputs);
     auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& in : inputs) encoder.set_input_array(in);
-    encoder.set_output_array(out);
     encoder.dispatch([inputs, o = out.data<float>()]() {
       std::vector<float> copies[2];
       const float* data[2];
@@ -301,25 +298,12 @@ class Swiglu : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("[mlxtune swiglu] CPU only.");
-  }
-
-  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
-                             const std::vector<int>&, const std::vector<mx::array>&) override {
-    throw std::runtime_error("[mlxtune swiglu] inference only, it has no gradient.");
-  }
-
   const char* name() const override {
     return "MlxtuneSwiglu";
   }
 
   bool is_equivalent(const mx::Primitive&) const override {
     return true;
-  }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
   }
 };
 

@@ -21,33 +21,8 @@
 namespace mlxtune {
 namespace {
 
-class BlockOp : public mx::Primitive {
- public:
-  using mx::Primitive::Primitive;
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string("[mlxtune ") + name() + "] CPU only.");
-  }
-
-  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
-                             const std::vector<int>&, const std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string("[mlxtune ") + name() +
-                             "] inference only, it has no gradient.");
-  }
-
- protected:
-  // Give each output its memory and hand every array to MLX's CPU encoder.
-  mx::cpu::CommandEncoder& encoder_for(const std::vector<mx::array>& inputs,
-                                       std::vector<mx::array>& outputs) {
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& out : outputs) {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-      encoder.set_output_array(out);
-    }
-    for (auto& in : inputs) encoder.set_input_array(in);
-    return encoder;
-  }
-};
+// The fused ops: several outputs (decode_qkv) or one, shaped by output_shapes.
+using BlockOp = InferenceOnly;
 
 // The weight at inputs[first .. first + 2] (packed, scales, biases) with its quantization.
 QWeight weight_at(const std::vector<mx::array>& inputs, int first, const QuantSpec& spec,

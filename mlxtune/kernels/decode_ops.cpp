@@ -31,25 +31,6 @@ int64_t row_offset(const mx::array& x, int64_t row) {
   return offset;
 }
 
-class InferenceOnly : public mx::Primitive {
- public:
-  using mx::Primitive::Primitive;
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string("[mlxtune ") + name() + "] CPU only.");
-  }
-
-  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
-                             const std::vector<int>&, const std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string("[mlxtune ") + name() +
-                             "] inference only, it has no gradient.");
-  }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
-};
-
 class RmsNorm : public InferenceOnly {
  public:
   RmsNorm(mx::Stream stream, float eps) : InferenceOnly(stream), eps_(eps) {}
@@ -145,11 +126,8 @@ class Attention : public InferenceOnly {
   // softmax(q k^T * scale + mask) v for q (B, H, L, D) and k, v (B, KVH, S, D), any strides;
   // query head h reads key/value head h / (H / KVH). Rows are (b, h, l): few when decoding.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = encoder_for(inputs, outputs);
     auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& in : inputs) encoder.set_input_array(in);
-    encoder.set_output_array(out);
     encoder.dispatch([inputs, o = out.data<float>(), scale = scale_, causal = causal_]() {
       const View4 q = view4(inputs[0]);
       const int64_t L = q.shape[2], D = q.shape[3], H = q.shape[1];

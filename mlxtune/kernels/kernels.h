@@ -4,15 +4,51 @@
 
 #include <cstdint>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 
 namespace mx = mlx::core;
 
 namespace mlxtune {
+
+// The base of the inference-only CPU ops: no GPU kernel, no gradient, one output shaped as
+// the first input unless the op says otherwise.
+class InferenceOnly : public mx::Primitive {
+ public:
+  using mx::Primitive::Primitive;
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string("[mlxtune ") + name() + "] CPU only.");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
+                             const std::vector<int>&, const std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string("[mlxtune ") + name() +
+                             "] inference only, it has no gradient.");
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ protected:
+  // Give each output its memory and hand every array to MLX's CPU encoder (then dispatch).
+  mx::cpu::CommandEncoder& encoder_for(const std::vector<mx::array>& inputs,
+                                       std::vector<mx::array>& outputs) {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& out : outputs) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+      encoder.set_output_array(out);
+    }
+    for (auto& in : inputs) encoder.set_input_array(in);
+    return encoder;
+  }
+};
 
 // x @ dequantize(w, scales, biases).T for float32 x (..., K) and 4/8-bit affine w (N, K*bits/32);
 // fast for a few rows of x (decoding), inference only.

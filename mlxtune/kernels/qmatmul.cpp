@@ -191,17 +191,14 @@ void lay_out_x(const float* x, float* out, int64_t M, int64_t K, int bits, int m
 }
 
 
-class QuantizedMatmul : public mx::Primitive {
+class QuantizedMatmul : public InferenceOnly {
  public:
   QuantizedMatmul(mx::Stream stream, int group_size, int bits)
-      : mx::Primitive(stream), group_size_(group_size), bits_(bits) {}
+      : InferenceOnly(stream), group_size_(group_size), bits_(bits) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = encoder_for(inputs, outputs);
     auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& in : inputs) encoder.set_input_array(in);
-    encoder.set_output_array(out);
     encoder.dispatch([inputs, y = out.data<float>(), group_size = group_size_, bits = bits_]() {
       // Views (a sliced weight, a transposed x) are copied here: an mx::contiguous per input
       // would add four ops to every matmul, a fifth of a decode step's per-op overhead.
@@ -210,10 +207,6 @@ class QuantizedMatmul : public mx::Primitive {
       const QWeight w = qweight(inputs[1], inputs[2], inputs[3], group_size, bits, copies + 1);
       qmatmul_raw(x, inputs[0].size() / inputs[0].shape(-1), w, y);
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("[mlxtune quantized_matmul] CPU only.");
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
