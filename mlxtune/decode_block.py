@@ -7,13 +7,19 @@ A step of SmolLM2-135M was ~750 MLX ops, ~25 a block: scheduling and building th
 than the arithmetic. The fused block computes the same formulas with the same routines as the
 one-op kernels, so its numbers equal theirs to float rounding (tests/test_decode_block.py).
 
+Adapters ride along: the ops add each projection's low-rank delta themselves, for serve's
+mixed batches (serve/registry.AdapterSlot: every row with its own adapter slot and scale) and for
+mlx-lm's LoRALinear (eval's local backend with an adapter).
+
 A block takes this path only when all of it is what the ops compute: 4/8-bit affine weights, no
 bias but q/k/v's, nn.RoPE, RMSNorms, fp32, a plain KV cache (not a quantized one), at most
-PACKED_ROWS tokens, and no adapter delta on any projection (a served adapter's slot counts as
-plain while no row of the batch uses an adapter). Anything else runs mlx-lm's block unchanged.
+PACKED_ROWS tokens, and LoRA deltas only (no DoRA, no dropout while training). Anything else
+runs mlx-lm's block unchanged.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,16 +32,43 @@ PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "
 
 
 def _quantized(linear) -> nn.QuantizedLinear | None:
-    """`linear` as the plain quantized layer it computes with right now, or None.
+    """The plain quantized layer `linear` computes with (under any adapter), or None.
 
-    A serving slot (serve/registry.AdapterSlot: `linear` plus a `selection` shared by the
-    model) computes exactly its base layer while no row has an adapter."""
-    selection = getattr(linear, "selection", None)
-    if selection is not None and hasattr(linear, "linear"):
-        return _quantized(linear.linear) if selection.rows is None else None
+    A serving slot (serve/registry.AdapterSlot: `linear` plus a `selection` shared by the model)
+    and mlx-lm's LoRALinear (`linear` plus `lora_a`, `lora_b`, `scale`) wrap one."""
+    if _is_slot(linear) or _is_lora(linear):
+        return _quantized(linear.linear)
     if isinstance(linear, nn.QuantizedLinear) and getattr(linear, "mode", "affine") == "affine" \
             and "biases" in linear:
         return linear
+    return None
+
+
+def _is_slot(m) -> bool:
+    return "selection" in m.__dict__ and "linear" in m
+
+
+def _is_lora(m) -> bool:
+    return type(m).__name__ == "LoRALinear" and "lora_a" in m and "linear" in m
+
+
+def _delta(m):
+    """This call's low-rank pair of projection `m` as the ops take it: None (no delta), (A, B)
+    with B scaled (mlx-lm's LoRALinear) or the slots' stacks (serve), or False when the ops
+    cannot compute it (DoRA, dropout in training, another dtype)."""
+    if _is_slot(m):
+        if m.selection.rows is None:
+            return None
+        stack = m.selection.stacks.get(m.path)
+        if stack is None:
+            return None
+        a, b, factor = stack
+        return (a, b) if factor is None and a.dtype == b.dtype == mx.float32 else False
+    if _is_lora(m):
+        dropout = getattr(m, "dropout", None)
+        if m.training and getattr(dropout, "_p_1", 1.0) != 1.0 or m.lora_a.dtype != mx.float32:
+            return False
+        return m.lora_a, m.lora_b
     return None
 
 
@@ -66,9 +99,34 @@ class _Plan:
         decode step asks this of every block)."""
         return not all(block[a][b] is m for (a, b), m in zip(PROJECTIONS, self.modules))
 
-    def adapted(self) -> bool:
-        """Whether a row of the served batch computes an adapter delta now."""
-        return self.selection is not None and self.selection.rows is not None
+    def adapters(self, batch: int) -> tuple[dict, dict] | None:
+        """This call's adapter inputs for decode_qkv and decode_out, as their keywords (the
+        pairs, which projections have one, the rows' slots and scales); None when a delta is
+        one the ops cannot compute."""
+        deltas = [_delta(m) for m in self.modules]
+        if any(d is False for d in deltas):
+            return None
+        if not any(deltas):
+            return {}, {}
+        rows = scales = None
+        if self.selection is not None and self.selection.rows is not None:
+            rows, scales = self.selection.rows, self.selection.scales
+        else:  # LoRALinear: one adapter, its scale (all of a block's the same, or no fusing)
+            found = {float(m.scale) for m, d in zip(self.modules, deltas) if d}
+            if len(found) > 1:
+                return None
+            scales = _scale_rows(found.pop(), batch)
+        halves = []
+        for part in (deltas[:3], deltas[3:]):
+            arrays = [x for d in part if d for x in d]
+            if not arrays:
+                halves.append({})
+                continue
+            mask = sum(1 << i for i, d in enumerate(part) if d)
+            extra = {"lora_rows": rows is not None, "lora_scales": scales is not None}
+            arrays += [v for v in (rows, scales) if v is not None]
+            halves.append({"lora": arrays, "lora_mask": mask, **extra})
+        return halves[0], halves[1]
 
     def weights(self) -> list:
         """The seven layers' (packed, scales, biases), in the ops' order."""
@@ -116,8 +174,12 @@ def fused_block_call(block, x: mx.array, mask, cache, max_tokens: int) -> mx.arr
     if plan is False or (plan is not None and plan.swapped(block)):
         plan = _make_plan(block)
         object.__setattr__(block, "_mlxtune_plan", plan)  # a plain attribute, not a child
-    if plan is None or plan.adapted():
+    if plan is None:
         return None
+    adapters = plan.adapters(x.shape[0])
+    if adapters is None:
+        return None
+    lora_qkv, lora_out = adapters
     extras = [layer["bias"] for layer in plan.layers[:3]] if plan.has_bias else []
     extras += [n.weight for n in plan.qk_norms]
     offset = cache.offset
@@ -125,10 +187,18 @@ def fused_block_call(block, x: mx.array, mask, cache, max_tokens: int) -> mx.arr
         offset = mx.array(offset, dtype=mx.int32)
     weights = plan.weights()
     q, k, v = kernels.decode_qkv(x, block.input_layernorm.weight, weights[:9], offset, extras,
-                                 **plan.qkv)
+                                 **plan.qkv, **lora_qkv)
     keys, values = cache.update_and_fetch(k, v)
     causal = isinstance(mask, str)
     return kernels.decode_out(x, q, keys, values, weights[9:],
                               block.post_attention_layernorm.weight,
                               None if causal else mask, causal=causal, specs=plan.out_specs,
-                              **plan.out)
+                              **plan.out, **lora_out)
+
+
+
+@lru_cache(maxsize=64)
+def _scale_rows(scale: float, batch: int) -> mx.array:
+    """LoRALinear's scale as the ops' per-row scales: one constant array per scale and batch
+    size, not one per block and token."""
+    return mx.array([scale] * batch, dtype=mx.float32)

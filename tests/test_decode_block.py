@@ -136,58 +136,99 @@ def test_batched_decode_with_padding_masks(monkeypatch):
     assert count.calls >= 2 * 5  # the decode steps at least
 
 
-def test_a_lora_wrapped_block_falls_back_and_a_swap_is_noticed(monkeypatch):
-    """Planned, then LoRA-wrapped (a module swap): the block notices and runs mlx-lm's block
-    with the adapter's delta, equal to the one-op path's answer."""
+def _decode_rows(model, prompts: list[list[int]], steps: int):
+    """_decode for a batch of equal-length prompts."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(prompts), cache=cache)[:, -1]
+    out = [logits]
+    for _ in range(steps):
+        logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
+        out.append(logits)
+    return mx.stack(out)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_layers_fuse_their_delta_and_a_swap_is_noticed(dora, monkeypatch):
+    """Planned, then LoRA-wrapped (a module swap, as eval's local backend loads an adapter): the
+    block notices; LoRA's delta is added inside the fused ops, equal to mlx-lm's LoRALinear;
+    DoRA (a magnitude per output) runs mlx-lm's block."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    model = _model("llama")
+    model = _model("qwen2")
     prompt = [3, 17, 42]
     _decode(model, prompt, 1)  # plans every block
-    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0,
+                                     "keys": ["self_attn.q_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj",
+                                              "mlp.up_proj", "mlp.down_proj"]}, use_dora=dora)
     for layer in model.model.layers:
-        lora = layer.self_attn.q_proj
-        lora.lora_b = mx.random.normal(lora.lora_b.shape) * 0.1
+        for lora in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj,
+                     layer.mlp.up_proj):
+            lora.lora_b = mx.random.normal(lora.lora_b.shape) * 0.1
+    model.eval()
     with monkeypatch.context() as m:
         _Count(m, off=True)
         want = _decode(model, prompt, 3)
     count = _Count(monkeypatch)
     got = _decode(model, prompt, 3)
-    assert count.calls == 0
-    assert mx.allclose(got, want, atol=1e-5).item()
+    assert count.calls == (0 if dora else 2 * 4)
+    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), mx.abs(got - want).max().item()
+    base = _model("qwen2")
+    assert not mx.allclose(got, _decode(base, prompt, 3), atol=1e-3).item()  # it did change
 
 
-def test_served_adapter_slots_fuse_only_for_all_base_batches(monkeypatch):
-    """serve's AdapterSlot wrappers: while no row uses an adapter the block fuses (the base's
-    answer); a batch with an adapter row runs the per-op path with its delta."""
+def _served():
+    """The llama model with serve's adapter slots on q_proj, v_proj and down_proj: slot 0 the
+    base (zeros), slot 1 an adapter."""
     from mlxtune.serve.registry import AdapterSlot, Selection
 
     model = _model("llama")
     selection = Selection()
     for i, layer in enumerate(model.model.layers):
-        for name in ("q_proj", "v_proj"):
-            path = f"model.layers.{i}.self_attn.{name}"
-            linear = getattr(layer.self_attn, name)
-            out_dims = linear.weight.shape[0]
-            a = mx.random.normal((2, 128, 4)) * 0.1
+        for parent, name in (("self_attn", "q_proj"), ("self_attn", "v_proj"),
+                             ("mlp", "down_proj")):
+            owner = getattr(layer, parent)
+            path = f"model.layers.{i}.{parent}.{name}"
+            linear = getattr(owner, name)
+            out_dims, in_dims = linear.weight.shape[0], linear.weight.shape[1] * 32 // linear.bits
+            a = mx.random.normal((2, in_dims, 4)) * 0.1
             b = mx.random.normal((2, 4, out_dims)) * 0.1
             selection.stacks[path] = (a * mx.array([0.0, 1.0])[:, None, None], b, None)
-            layer.self_attn.update_modules({name: AdapterSlot(linear, path, selection)})
-    prompt = [3, 17, 42]
-    base = _model("llama")
-    want_base = _decode(base, prompt, 3)
+            owner.update_modules({name: AdapterSlot(linear, path, selection)})
+    return model, selection
+
+
+def test_served_adapter_rows_decode_fused_each_with_its_slot_and_scale(monkeypatch):
+    """serve's mixed batches: a base row and an adapter row at scale 0.5 in one batch, through the
+    fused ops, equal to the per-op path; an all-base batch equals the base model."""
+    model, selection = _served()
+    prompts = [[3, 17, 42], [5, 8, 13]]
+    want_base = _decode_rows(_model("llama"), prompts, 3)
     count = _Count(monkeypatch)
-    assert mx.allclose(_decode(model, prompt, 3), want_base, atol=1e-4).item()
+    assert mx.allclose(_decode_rows(model, prompts, 3), want_base, atol=1e-4).item()
     assert count.calls == 2 * 4
-    selection.point([1], [1.0])
+    selection.point([0, 1], [1.0, 0.5])
     with monkeypatch.context() as m:
         _Count(m, off=True)
-        want = _decode(model, prompt, 3)
+        want = _decode_rows(model, prompts, 3)
     count.calls = 0
-    got = _decode(model, prompt, 3)
+    got = _decode_rows(model, prompts, 3)
+    assert count.calls == 2 * 4
+    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), mx.abs(got - want).max().item()
+    assert mx.allclose(got[:, 0], want_base[:, 0], atol=1e-4).item()  # the base row
+    assert not mx.allclose(got[:, 1], want_base[:, 1], atol=1e-3).item()  # the adapter row
+
+
+def test_served_dora_rows_take_mlx_lm_s_block(monkeypatch):
+    model, selection = _served()
+    for path, (a, b, _) in list(selection.stacks.items()):
+        selection.stacks[path] = (a, b, mx.ones((2, b.shape[-1])))
+    selection.point([1], [1.0])
+    count = _Count(monkeypatch)
+    _decode(model, [3, 17, 42], 2)
     assert count.calls == 0
-    assert mx.allclose(got, want, atol=1e-5).item()
-    assert not mx.allclose(got, want_base, atol=1e-3).item()  # the adapter did change it
 
 
 def test_long_prompts_and_quantized_caches_take_mlx_lm_s_block(monkeypatch):

@@ -364,15 +364,19 @@ NB_MODULE(_cpu_kernels, m) {
          const mx::array& offset, const std::vector<mx::array>& extras, float eps, int heads,
          int kv_heads, int head_dim, int rope_dims, bool traditional, float rope_base,
          float rope_scale, const std::vector<int>& specs, bool has_bias, bool has_qk_norm,
-         float qk_eps, mx::StreamOrDevice s) {
+         float qk_eps, const std::vector<mx::array>& lora, int lora_mask, bool lora_rows,
+         bool lora_scales, mx::StreamOrDevice s) {
         mlxtune::QkvParams p{eps, heads, kv_heads, head_dim, rope_dims, traditional, rope_base,
-                             rope_scale, {}, has_bias, has_qk_norm, qk_eps};
+                             rope_scale, {}, has_bias, has_qk_norm, qk_eps,
+                             {lora_mask, lora_rows, lora_scales}};
         set_specs(p.spec, 3, specs);
-        return mlxtune::decode_qkv(x, norm, weights, offset, extras, p, s);
+        return mlxtune::decode_qkv(x, norm, weights, offset, extras, p, lora, s);
       },
       "x"_a, "norm"_a, "weights"_a, "offset"_a, "extras"_a, nb::kw_only(), "eps"_a, "heads"_a,
       "kv_heads"_a, "head_dim"_a, "rope_dims"_a, "traditional"_a, "rope_base"_a, "rope_scale"_a,
-      "specs"_a, "has_bias"_a, "has_qk_norm"_a, "qk_eps"_a, "stream"_a = nb::none(),
+      "specs"_a, "has_bias"_a, "has_qk_norm"_a, "qk_eps"_a,
+      "lora"_a = std::vector<mx::array>{}, "lora_mask"_a = 0, "lora_rows"_a = false,
+      "lora_scales"_a = false, "stream"_a = nb::none(),
       "A block's first half for decoding: rms_norm, the q/k/v projections (weights: three "
       "(packed, scales, biases) triples; specs: group size and bits of each), extras (q/k/v "
       "biases, q/k norm weights), RoPE at offset: [q, k, v] as (B, heads, L, head_dim).");
@@ -381,15 +385,20 @@ NB_MODULE(_cpu_kernels, m) {
       [](const mx::array& x, const mx::array& q, const mx::array& keys, const mx::array& values,
          const std::vector<mx::array>& weights, const mx::array& norm,
          const std::optional<mx::array>& mask, float scale, bool causal, float eps,
-         const std::vector<int>& specs, mx::StreamOrDevice s) {
-        mlxtune::OutParams p{scale, causal, eps, {}};
+         const std::vector<int>& specs, const std::vector<mx::array>& lora, int lora_mask,
+         bool lora_rows, bool lora_scales, mx::StreamOrDevice s) {
+        mlxtune::OutParams p{scale, causal, eps, {}, false, {lora_mask, lora_rows, lora_scales}};
         set_specs(p.spec, 4, specs);
-        return mlxtune::decode_out(x, q, keys, values, weights, norm, mask, p, s);
+        return mlxtune::decode_out(x, q, keys, values, weights, norm, mask, p, lora, s);
       },
       "x"_a, "q"_a, "keys"_a, "values"_a, "weights"_a, "norm"_a, "mask"_a = nb::none(),
-      nb::kw_only(), "scale"_a, "causal"_a, "eps"_a, "specs"_a, "stream"_a = nb::none(),
+      nb::kw_only(), "scale"_a, "causal"_a, "eps"_a, "specs"_a,
+      "lora"_a = std::vector<mx::array>{}, "lora_mask"_a = 0, "lora_rows"_a = false,
+      "lora_scales"_a = false, "stream"_a = nb::none(),
       "A block's second half for decoding: x + o(attention), then + down(silu(gate) * up) of "
-      "its norm (weights: o, gate, up, down as (packed, scales, biases) triples).");
+      "its norm (weights: o, gate, up, down as (packed, scales, biases) triples). Both ops take "
+      "low-rank adapter deltas: lora = an (A, B) pair per projection set in lora_mask, then "
+      "each batch row's slot (lora_rows) and scale (lora_scales).");
   m.def("matmul_isa", &mlxtune::matmul_isa, "The instruction set quantized_matmul uses.");
   m.def("set_matmul_isa", &mlxtune::set_matmul_isa, "isa"_a,
         "Use another instruction set the CPU has (avx512, avx2, baseline); returns the previous.");

@@ -11,6 +11,7 @@
 // attention_raw, swiglu_raw), so their numbers equal the single ops' to float rounding.
 // fp32 activations; inference only.
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <stdexcept>
@@ -33,6 +34,63 @@ QWeight weight_at(const std::vector<mx::array>& inputs, int first, const QuantSp
 
 const float* floats(const mx::array& a, std::vector<char>& copy) {
   return static_cast<const float*>(row_major(a, copy));
+}
+
+// The adapter inputs of a fused op, from inputs[first ..]: a pair per projection in spec.mask
+// (A (slots, in, rank) or (in, rank), B likewise), then the rows' slots and scales when the spec
+// says; views are copied to plain buffers.
+struct LoraInputs {
+  struct Pair {
+    const float *a = nullptr, *b = nullptr;
+    int64_t slots = 0, in = 0, rank = 0, out = 0;
+  } pair[4];
+  const int32_t* rows = nullptr;
+  const float* scales = nullptr;
+  std::vector<char> copies[10];
+};
+
+void lora_inputs(const std::vector<mx::array>& in, size_t first, const LoraSpec& spec,
+                 int projections, LoraInputs& l) {
+  int c = 0;
+  for (int i = 0; i < projections; ++i) {
+    if (!(spec.mask & (1 << i))) continue;
+    const auto &a = in[first], &b = in[first + 1];
+    first += 2;
+    auto& p = l.pair[i];
+    p.a = static_cast<const float*>(row_major(a, l.copies[c++]));
+    p.b = static_cast<const float*>(row_major(b, l.copies[c++]));
+    p.slots = a.ndim() == 3 ? a.shape(0) : 1;
+    p.in = a.shape(-2);
+    p.rank = a.shape(-1);
+    p.out = b.shape(-1);
+  }
+  if (spec.rows) l.rows = static_cast<const int32_t*>(row_major(in[first++], l.copies[8]));
+  if (spec.scales) l.scales = static_cast<const float*>(row_major(in[first], l.copies[9]));
+}
+
+// y (M x out) += scale * (z A[slot]) B[slot] for M rows of z (M x in), batch row m / L's slot
+// and scale; a slot outside the stack adds nothing.
+void add_lora(const float* z, int64_t M, int64_t L, const LoraInputs& l, int i, float* y) {
+  const auto& p = l.pair[i];
+  if (p.a == nullptr) return;
+  std::vector<float> t(p.rank);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t slot = l.rows ? l.rows[m / L] : 0;
+    if (slot < 0 || slot >= p.slots) continue;
+    const float scale = l.scales ? l.scales[m / L] : 1.0f;
+    std::fill(t.begin(), t.end(), 0.0f);
+    const float* as = p.a + slot * p.in * p.rank;
+    for (int64_t k = 0; k < p.in; ++k) {
+      const float zk = z[m * p.in + k];
+      for (int64_t r = 0; r < p.rank; ++r) t[r] += zk * as[k * p.rank + r];
+    }
+    const float* bs = p.b + slot * p.rank * p.out;
+    float* ym = y + m * p.out;
+    for (int64_t r = 0; r < p.rank; ++r) {
+      const float tr = t[r] * scale;
+      for (int64_t o = 0; o < p.out; ++o) ym[o] += tr * bs[r * p.out + o];
+    }
+  }
 }
 
 void rms_norm_rows(const float* x, int64_t rows, int64_t d, const float* w, float eps,
@@ -114,6 +172,9 @@ class DecodeQkv : public BlockOp {
       ys[j] = raw[j].data();
     }
     qmatmul_multi(normed.data(), M, w, ys, 3);
+    const size_t lora_at = 12 + (p.has_bias ? 3 : 0) + (p.has_qk_norm ? 2 : 0);
+    LoraInputs lora;
+    lora_inputs(in, lora_at, p.lora, 3, lora);
     for (int j = 0; j < 3; ++j) {
       const int64_t N = heads[j] * Dh;
       if (p.has_bias) {
@@ -122,6 +183,7 @@ class DecodeQkv : public BlockOp {
           for (int64_t n = 0; n < N; ++n) raw[j][r * N + n] += bias[n];
         }
       }
+      add_lora(normed.data(), M, L, lora, j, ys[j]);
       if (p.has_qk_norm && j < 2) {  // qwen3: each head's vector normed before RoPE
         const float* nw = floats(in[(p.has_bias ? 15 : 12) + j], copies[12]);
         for (int64_t r = 0; r < M * heads[j]; ++r) {
@@ -169,12 +231,15 @@ class DecodeOut : public BlockOp {
     std::vector<float> attn(M * H * Dh);
     const int64_t strides[4] = {L * H * Dh, Dh, H * Dh, 1};
     std::optional<mx::array> mask;
-    if (in.size() > 17) mask = in[17];
+    if (p.has_mask) mask = in[17];
+    LoraInputs lora;
+    lora_inputs(in, p.has_mask ? 18 : 17, p.lora, 4, lora);
     attention_raw(view4(in[1]), view4(in[2]), view4(in[3]), mask_view(mask), p.scale, p.causal,
                   attn.data(), strides);
     // h = x + o_proj(attn), kept in `out`.
     std::vector<float> proj(M * D);
     qmatmul_raw(attn.data(), M, weight_at(in, 4, p.spec[0], copies), proj.data());
+    add_lora(attn.data(), M, L, lora, 0, proj.data());
     const float* x = floats(in[0], copies[3]);
     for (int64_t i = 0; i < M * D; ++i) out[i] = x[i] + proj[i];
     // out += down(silu(gate(n)) * up(n)), n = rms_norm(h).
@@ -186,8 +251,11 @@ class DecodeOut : public BlockOp {
     std::vector<float> g(M * F), u(M * F);
     float* const ys[2] = {g.data(), u.data()};
     qmatmul_multi(normed.data(), M, gate_up, ys, 2);
+    add_lora(normed.data(), M, L, lora, 1, g.data());
+    add_lora(normed.data(), M, L, lora, 2, u.data());
     swiglu_raw(g.data(), u.data(), g.data(), M * F);
     qmatmul_raw(g.data(), M, weight_at(in, 14, p.spec[3], copies + 11), proj.data());
+    add_lora(g.data(), M, L, lora, 3, proj.data());
     for (int64_t i = 0; i < M * D; ++i) out[i] += proj[i];
   }
 
@@ -227,10 +295,42 @@ void check_x(const mx::array& x, const char* op) {
 
 }  // namespace
 
+// The adapter inputs checked against the spec and the projections' (in, out) sizes.
+void check_lora(const std::vector<mx::array>& lora, const LoraSpec& spec,
+                const std::vector<std::pair<int64_t, int64_t>>& dims, int64_t batch,
+                const char* op) {
+  size_t at = 0;
+  auto fail = [op](const std::string& what) {
+    throw std::invalid_argument(std::string("[mlxtune ") + op + "] adapter inputs: " + what);
+  };
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (!(spec.mask & (1 << i))) continue;
+    if (at + 2 > lora.size()) fail("fewer arrays than lora_mask says");
+    const auto &a = lora[at], &b = lora[at + 1];
+    at += 2;
+    const bool stacked = a.ndim() == 3;
+    if (a.ndim() != b.ndim() || (a.ndim() != 2 && !stacked) || a.dtype() != mx::float32 ||
+        b.dtype() != mx::float32 || (stacked && a.shape(0) != b.shape(0)) ||
+        a.shape(-1) != b.shape(-2) || a.shape(-2) != dims[i].first ||
+        b.shape(-1) != dims[i].second) {
+      fail("A ([slots,] in, rank) and B ([slots,] rank, out), float32, fitting the projection");
+    }
+  }
+  for (int k = 0; k < 2; ++k) {
+    if (!(k == 0 ? spec.rows : spec.scales)) continue;
+    if (at >= lora.size()) fail("fewer arrays than lora_rows / lora_scales say");
+    const auto& v = lora[at++];
+    if (v.size() != static_cast<size_t>(batch) || v.dtype() != (k == 0 ? mx::int32 : mx::float32)) {
+      fail("one int32 slot and one float32 scale per batch row");
+    }
+  }
+  if (at != lora.size()) fail("more arrays than the spec says");
+}
+
 std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm,
                                   const std::vector<mx::array>& weights, const mx::array& offset,
                                   const std::vector<mx::array>& extras, const QkvParams& p,
-                                  mx::StreamOrDevice s) {
+                                  const std::vector<mx::array>& lora, mx::StreamOrDevice s) {
   check_x(x, "decode_qkv");
   check_weights(weights, 9, "decode_qkv");
   const size_t want = (p.has_bias ? 3 : 0) + (p.has_qk_norm ? 2 : 0);
@@ -250,6 +350,10 @@ std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm,
   inputs.insert(inputs.end(), weights.begin(), weights.end());
   inputs.push_back(mx::astype(offset, mx::int32, stream));
   inputs.insert(inputs.end(), extras.begin(), extras.end());
+  const int64_t D = x.shape(2), kv = p.kv_heads * p.head_dim;
+  check_lora(lora, p.lora, {{D, p.heads * p.head_dim}, {D, kv}, {D, kv}}, x.shape(0),
+             "decode_qkv");
+  inputs.insert(inputs.end(), lora.begin(), lora.end());
   const int B = x.shape(0), L = x.shape(1);
   return mx::array::make_arrays(
       {{B, p.heads, L, p.head_dim}, {B, p.kv_heads, L, p.head_dim},
@@ -260,7 +364,10 @@ std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm,
 mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& keys,
                      const mx::array& values, const std::vector<mx::array>& weights,
                      const mx::array& norm, const std::optional<mx::array>& mask,
-                     const OutParams& p, mx::StreamOrDevice s) {
+                     const OutParams& params, const std::vector<mx::array>& lora,
+                     mx::StreamOrDevice s) {
+  OutParams p = params;
+  p.has_mask = mask.has_value();
   check_x(x, "decode_out");
   check_weights(weights, 12, "decode_out");
   for (const auto* a : {&q, &keys, &values}) {
@@ -288,8 +395,11 @@ mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& ke
   inputs.push_back(norm);
   inputs.insert(inputs.end(), weights.begin() + 3, weights.end());
   if (mask) inputs.push_back(*mask);
-  return mx::array(x.shape(), mx::float32,
-                   std::make_shared<DecodeOut>(mx::to_stream(s), p), inputs);
+  auto stream = mx::to_stream(s);
+  const int64_t HD = q.shape(1) * q.shape(3);
+  check_lora(lora, p.lora, {{HD, D}, {D, F}, {D, F}, {F, D}}, x.shape(0), "decode_out");
+  inputs.insert(inputs.end(), lora.begin(), lora.end());
+  return mx::array(x.shape(), mx::float32, std::make_shared<DecodeOut>(stream, p), inputs);
 }
 
 }  // namespace mlxtune

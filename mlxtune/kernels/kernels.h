@@ -131,6 +131,16 @@ struct QuantSpec {
   bool operator==(const QuantSpec&) const = default;
 };
 
+// Low-rank adapter deltas added to some projections of a fused block: for projection i with
+// bit i of `mask` set, a pair A (slots, in, rank) and B (slots, rank, out) comes among the
+// inputs (in projection order), then each batch row's slot (int32) when `rows` (else slot 0),
+// then each batch row's scale (float32) when `scales` (else 1): y += scale * (z A[slot]) B[slot].
+struct LoraSpec {
+  int mask = 0;
+  bool rows = false, scales = false;
+  bool operator==(const LoraSpec&) const = default;
+};
+
 struct QkvParams {
   float eps = 1e-5f;  // the input norm's
   int heads = 0, kv_heads = 0, head_dim = 0;
@@ -140,6 +150,7 @@ struct QkvParams {
   QuantSpec spec[3];  // q, k, v
   bool has_bias = false, has_qk_norm = false;
   float qk_eps = 1e-6f;
+  LoraSpec lora;  // q, k, v
   bool operator==(const QkvParams&) const = default;
 };
 
@@ -148,6 +159,8 @@ struct OutParams {
   bool causal = false;
   float eps = 1e-5f;  // the post-attention norm's
   QuantSpec spec[4];  // o, gate, up, down
+  bool has_mask = false;
+  LoraSpec lora;  // o, gate, up, down
   bool operator==(const OutParams&) const = default;
 };
 
@@ -157,13 +170,15 @@ struct OutParams {
 std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm,
                                   const std::vector<mx::array>& weights, const mx::array& offset,
                                   const std::vector<mx::array>& extras, const QkvParams& p,
+                                  const std::vector<mx::array>& lora = {},
                                   mx::StreamOrDevice s = {});
 // h = x + o(attention(q, keys, values, mask)); h + down(silu(gate(n)) * up(n)), n = norm(h).
 // weights: 4 x (packed, scales, biases) for o, gate, up, down.
 mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& keys,
                      const mx::array& values, const std::vector<mx::array>& weights,
                      const mx::array& norm, const std::optional<mx::array>& mask,
-                     const OutParams& p, mx::StreamOrDevice s = {});
+                     const OutParams& p, const std::vector<mx::array>& lora = {},
+                     mx::StreamOrDevice s = {});
 
 // The instruction set quantized_matmul uses ("avx512", "avx2" or "baseline"), and a switch to
 // another the CPU has (tests check every path on one machine); returns the previous one.
