@@ -66,10 +66,17 @@ def _delta(m):
         return (a, b) if factor is None and a.dtype == b.dtype == mx.float32 else False
     if _is_lora(m):
         dropout = getattr(m, "dropout", None)
-        if m.training and getattr(dropout, "_p_1", 1.0) != 1.0 or m.lora_a.dtype != mx.float32:
+        if (m.training and getattr(dropout, "_p_1", 1.0) != 1.0) or m.lora_a.dtype != mx.float32:
             return False
         return m.lora_a, m.lora_b
     return None
+
+
+@lru_cache(maxsize=64)
+def _scale_rows(scale: float, batch: int) -> mx.array:
+    """LoRALinear's scale as the ops' per-row scales: one constant array per scale and batch
+    size, not one per block and token."""
+    return mx.array([scale] * batch, dtype=mx.float32)
 
 
 class _Plan:
@@ -148,7 +155,7 @@ def _make_plan(block) -> _Plan | None:
     # Biases: q, k and v all or none (qwen2); none elsewhere.
     if any("bias" in layer for layer in layers[3:]) or len({"bias" in x for x in layers[:3]}) > 1:
         return None
-    selections = {id(s): s for s in (getattr(m, "selection", None) for m in modules) if s}
+    selections = {id(m.selection): m.selection for m in modules if _is_slot(m)}
     if len(selections) > 1:
         return None
     return _Plan(block, modules, layers, next(iter(selections.values()), None))
@@ -194,11 +201,3 @@ def fused_block_call(block, x: mx.array, mask, cache, max_tokens: int) -> mx.arr
                               block.post_attention_layernorm.weight,
                               None if causal else mask, causal=causal, specs=plan.out_specs,
                               **plan.out, **lora_out)
-
-
-
-@lru_cache(maxsize=64)
-def _scale_rows(scale: float, batch: int) -> mx.array:
-    """LoRALinear's scale as the ops' per-row scales: one constant array per scale and batch
-    size, not one per block and token."""
-    return mx.array([scale] * batch, dtype=mx.float32)

@@ -49,7 +49,7 @@ class DequantizedLinear(nn.QuantizedLinear):
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedLinear) -> "DequantizedLinear":
         """The same layer, sharing its arrays, computing the de-quantized way."""
-        return rebase(cls, layer)
+        return _rebase(cls, layer)
 
 
 class DequantizedEmbedding(nn.QuantizedEmbedding):
@@ -73,7 +73,7 @@ class DequantizedEmbedding(nn.QuantizedEmbedding):
     @classmethod
     def from_quantized(cls, layer: nn.QuantizedEmbedding) -> "DequantizedEmbedding":
         """The same embedding, sharing its arrays, computing the de-quantized way."""
-        return rebase(cls, layer)
+        return _rebase(cls, layer)
 
 
 # Up to this many rows of x (tokens in a decode batch, or a short prompt), an inference matmul
@@ -131,7 +131,7 @@ class InferenceRoPE(nn.RoPE):
         return super().__call__(x, offset)
 
 
-def rebase(cls, layer: nn.Module) -> nn.Module:
+def _rebase(cls, layer: nn.Module) -> nn.Module:
     # Same arrays, same attributes (group_size, bits, mode, frozen keys): only the class changes,
     # so no weight is copied or re-quantized.
     new = cls.__new__(cls)
@@ -155,7 +155,7 @@ def dequantize_per_layer(model: nn.Module, swaps: dict = _SWAPS) -> int:
     for path, module in model.named_modules():
         target = table.get(type(module))  # exact type: leaves subclasses (and ours) alone
         if target is not None:
-            swaps.append((path, rebase(target, module)))
+            swaps.append((path, _rebase(target, module)))
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
@@ -214,7 +214,7 @@ def _swap_classes(model: nn.Module, name: str, twin) -> int:
     """Rebase every module of a STANDARD architecture's class `name` onto twin(that class)."""
     module = sys.modules.get(type(model).__module__)
     cls = getattr(module, name, None) if type(model).__module__ in STANDARD else None
-    swaps = [(path, rebase(twin(cls), m))
+    swaps = [(path, _rebase(twin(cls), m))
              for path, m in model.named_modules() if cls is not None and type(m) is cls]
     if swaps:
         model.update_modules(tree_unflatten(swaps))

@@ -17,13 +17,9 @@
 #include <stdexcept>
 
 #include "kernels.h"
-#include "mlx/backend/cpu/encoder.h"
 
 namespace mlxtune {
 namespace {
-
-// The fused ops: several outputs (decode_qkv) or one, shaped by output_shapes.
-using BlockOp = InferenceOnly;
 
 // The weight at inputs[first .. first + 2] (packed, scales, biases) with its quantization.
 QWeight weight_at(const std::vector<mx::array>& inputs, int first, const QuantSpec& spec,
@@ -126,10 +122,11 @@ void to_heads(const float* raw, int64_t B, int64_t L, int64_t heads, const QkvPa
 
 // Inputs: x (B, L, D), the norm's weight, the q, k and v weights (3 arrays each), the RoPE
 // offset (1 or B int32), then the q/k/v biases when has_bias, then the q/k norms' weights when
-// has_qk_norm. Outputs: q (B, H, L, Dh) and k, v (B, KVH, L, Dh), q and k rotated.
-class DecodeQkv : public BlockOp {
+// has_qk_norm, then the adapter inputs (LoraSpec). Outputs: q (B, H, L, Dh) and k, v
+// (B, KVH, L, Dh), q and k rotated.
+class DecodeQkv : public InferenceOnly {
  public:
-  DecodeQkv(mx::Stream stream, const QkvParams& p) : BlockOp(stream), p_(p) {}
+  DecodeQkv(mx::Stream stream, const QkvParams& p) : InferenceOnly(stream), p_(p) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = encoder_for(inputs, outputs);
@@ -199,11 +196,11 @@ class DecodeQkv : public BlockOp {
 
 // Inputs: x (B, L, D) (the block's input, the residual), q (B, H, L, Dh), keys and values
 // (B, KVH, S, Dh, any strides: the cache's), the o, gate, up and down weights (3 arrays each)
-// with the second norm's weight after o's, then the mask when there is one. Output: the block's
-// output (B, L, D).
-class DecodeOut : public BlockOp {
+// with the second norm's weight after o's, then the mask when there is one, then the adapter
+// inputs (LoraSpec). Output: the block's output (B, L, D).
+class DecodeOut : public InferenceOnly {
  public:
-  DecodeOut(mx::Stream stream, const OutParams& p) : BlockOp(stream), p_(p) {}
+  DecodeOut(mx::Stream stream, const OutParams& p) : InferenceOnly(stream), p_(p) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = encoder_for(inputs, outputs);
@@ -216,10 +213,6 @@ class DecodeOut : public BlockOp {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     return p_ == static_cast<const DecodeOut&>(other).p_;
-  }
-
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
   }
 
  private:
@@ -293,8 +286,6 @@ void check_x(const mx::array& x, const char* op) {
   }
 }
 
-}  // namespace
-
 // The adapter inputs checked against the spec and the projections' (in, out) sizes.
 void check_lora(const std::vector<mx::array>& lora, const LoraSpec& spec,
                 const std::vector<std::pair<int64_t, int64_t>>& dims, int64_t batch,
@@ -320,12 +311,15 @@ void check_lora(const std::vector<mx::array>& lora, const LoraSpec& spec,
     if (!(k == 0 ? spec.rows : spec.scales)) continue;
     if (at >= lora.size()) fail("fewer arrays than lora_rows / lora_scales say");
     const auto& v = lora[at++];
-    if (v.size() != static_cast<size_t>(batch) || v.dtype() != (k == 0 ? mx::int32 : mx::float32)) {
+    const auto want = k == 0 ? mx::int32 : mx::float32;
+    if (v.size() != static_cast<size_t>(batch) || v.dtype() != want) {
       fail("one int32 slot and one float32 scale per batch row");
     }
   }
   if (at != lora.size()) fail("more arrays than the spec says");
 }
+
+}  // namespace
 
 std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm,
                                   const std::vector<mx::array>& weights, const mx::array& offset,
@@ -334,8 +328,8 @@ std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm,
   check_x(x, "decode_qkv");
   check_weights(weights, 9, "decode_qkv");
   const size_t want = (p.has_bias ? 3 : 0) + (p.has_qk_norm ? 2 : 0);
-  if (extras.size() != want || norm.ndim() != 1 || norm.shape(0) != x.shape(2) || offset.ndim() > 1 ||
-      (offset.size() != 1 && offset.size() != static_cast<size_t>(x.shape(0))) ||
+  if (extras.size() != want || norm.ndim() != 1 || norm.shape(0) != x.shape(2) ||
+      offset.ndim() > 1 || (offset.size() != 1 && offset.size() != static_cast<size_t>(x.shape(0))) ||
       weights[0].shape(0) != p.heads * p.head_dim ||
       weights[3].shape(0) != p.kv_heads * p.head_dim ||
       weights[6].shape(0) != p.kv_heads * p.head_dim || p.rope_dims > p.head_dim ||

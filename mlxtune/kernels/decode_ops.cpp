@@ -153,9 +153,6 @@ class Attention : public InferenceOnly {
   bool causal_;
 };
 
-}  // namespace
-
-namespace {
 
 // a . b over n unit-stride floats, eight lanes at a time (GCC keeps a float sum in order, so it
 // does not vectorize the plain loop itself).
@@ -270,10 +267,12 @@ void rope_angles(float start, int64_t count, int dims, float base, float scale, 
                  float* sin_t) {
   const int64_t half = dims / 2;
   const float log_step = std::log(base) / static_cast<float>(half);
+  std::vector<float> inv_freq(half);
+  for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::exp(-static_cast<float>(i) * log_step);
   for (int64_t p = 0; p < count; ++p) {
     const float pos = (static_cast<float>(p) + start) * scale;
     for (int64_t i = 0; i < half; ++i) {
-      const float theta = pos * std::exp(-static_cast<float>(i) * log_step);
+      const float theta = pos * inv_freq[i];
       cos_t[p * half + i] = std::cos(theta);
       sin_t[p * half + i] = std::sin(theta);
     }

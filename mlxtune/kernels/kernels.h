@@ -132,7 +132,7 @@ struct QuantSpec {
 };
 
 // Low-rank adapter deltas added to some projections of a fused block: for projection i with
-// bit i of `mask` set, a pair A (slots, in, rank) and B (slots, rank, out) comes among the
+// bit i of `mask` set, a pair A ([slots,] in, rank) and B ([slots,] rank, out) comes among the
 // inputs (in projection order), then each batch row's slot (int32) when `rows` (else slot 0),
 // then each batch row's scale (float32) when `scales` (else 1): y += scale * (z A[slot]) B[slot].
 struct LoraSpec {

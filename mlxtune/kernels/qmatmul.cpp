@@ -25,7 +25,6 @@
 namespace mlxtune {
 namespace {
 
-
 struct QArgs {
   const float* x;  // M x K; the kernel reads it laid out by lay_out_x
   const uint8_t* w;
@@ -189,7 +188,6 @@ void lay_out_x(const float* x, float* out, int64_t M, int64_t K, int bits, int m
     }
   }
 }
-
 
 class QuantizedMatmul : public InferenceOnly {
  public:
