@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlxtune import kernels
 
@@ -100,21 +101,29 @@ class _Plan:
         specs = [n for layer in layers for n in (layer.group_size, layer.bits)]
         self.qkv["specs"], self.out_specs = specs[:6], specs[6:]
         self.out = dict(scale=attn.scale, eps=block.post_attention_layernorm.eps)
+        self.params = kernels.block_params(**self.qkv, scale=attn.scale, out_eps=self.out["eps"],
+                                           out_specs=self.out_specs)
+        # No module wraps a layer (no slot, no LoRALinear): never an adapter delta to gather.
+        self.plain = all(isinstance(m, nn.QuantizedLinear) for m in modules)
 
     def swapped(self, block) -> bool:
         """Whether a module of the block is no longer the one planned for (dict lookups: a
         decode step asks this of every block)."""
         return not all(block[a][b] is m for (a, b), m in zip(PROJECTIONS, self.modules))
 
-    def adapters(self, batch: int) -> tuple[dict, dict] | None:
-        """This call's adapter inputs for decode_qkv and decode_out, as their keywords (the
-        pairs, which projections have one, the rows' slots and scales); None when a delta is
-        one the ops cannot compute."""
+    def adapters(self, batch: int) -> tuple | None:
+        """This call's adapter inputs: (decode_qkv's arrays, decode_out's arrays, the q/k/v
+        projections with a pair (a bit mask), the o/gate/up/down ones, whether each row has its
+        slot, whether each row has its scale); None when a delta is one the ops cannot
+        compute."""
+        if self.plain or (self.selection is not None and self.selection.rows is None
+                          and all(_is_slot(m) for m in self.modules)):
+            return NO_ADAPTERS
         deltas = [_delta(m) for m in self.modules]
         if any(d is False for d in deltas):
             return None
         if not any(deltas):
-            return {}, {}
+            return NO_ADAPTERS
         rows = scales = None
         if self.selection is not None and self.selection.rows is not None:
             rows, scales = self.selection.rows, self.selection.scales
@@ -123,21 +132,19 @@ class _Plan:
             if len(found) > 1:
                 return None
             scales = _scale_rows(found.pop(), batch)
-        halves = []
+        arrays, masks = [], []
         for part in (deltas[:3], deltas[3:]):
-            arrays = [x for d in part if d for x in d]
-            if not arrays:
-                halves.append({})
-                continue
-            mask = sum(1 << i for i, d in enumerate(part) if d)
-            extra = {"lora_rows": rows is not None, "lora_scales": scales is not None}
-            arrays += [v for v in (rows, scales) if v is not None]
-            halves.append({"lora": arrays, "lora_mask": mask, **extra})
-        return halves[0], halves[1]
+            pairs = [x for d in part if d for x in d]
+            arrays.append(pairs + [v for v in (rows, scales) if v is not None] if pairs else [])
+            masks.append(sum(1 << i for i, d in enumerate(part) if d))
+        return (*arrays, *masks, rows is not None, scales is not None)
 
     def weights(self) -> list:
         """The seven layers' (packed, scales, biases), in the ops' order."""
         return [layer[k] for layer in self.layers for k in ("weight", "scales", "biases")]
+
+
+NO_ADAPTERS = ([], [], 0, 0, False, False)
 
 
 def _make_plan(block) -> _Plan | None:
@@ -186,18 +193,56 @@ def fused_block_call(block, x: mx.array, mask, cache, max_tokens: int) -> mx.arr
     adapters = plan.adapters(x.shape[0])
     if adapters is None:
         return None
-    lora_qkv, lora_out = adapters
     extras = [layer["bias"] for layer in plan.layers[:3]] if plan.has_bias else []
     extras += [n.weight for n in plan.qk_norms]
     offset = cache.offset
     if not isinstance(offset, mx.array):
         offset = mx.array(offset, dtype=mx.int32)
     weights = plan.weights()
-    q, k, v = kernels.decode_qkv(x, block.input_layernorm.weight, weights[:9], offset, extras,
-                                 **plan.qkv, **lora_qkv)
-    keys, values = cache.update_and_fetch(k, v)
     causal = isinstance(mask, str)
-    return kernels.decode_out(x, q, keys, values, weights[9:],
-                              block.post_attention_layernorm.weight,
-                              None if causal else mask, causal=causal, specs=plan.out_specs,
-                              **plan.out, **lora_out)
+    mask = None if causal else mask
+    norm_in, norm_post = block.input_layernorm.weight, block.post_attention_layernorm.weight
+    room = _room(cache, x.shape[1])
+    if room is not None:
+        h, keys, values = kernels.decode_block(plan.params, x, norm_in, norm_post, weights,
+                                               offset, extras, *room, mask, causal, *adapters)
+        _advance(cache, keys, values, x.shape[1])
+        return h
+    # Any other cache, or one that must grow first: its own update between the two ops.
+    lora_qkv, lora_out, qkv_mask, out_mask, rows, scales = adapters
+    q, k, v = kernels.decode_qkv(x, norm_in, weights[:9], offset, extras, **plan.qkv,
+                                 lora=lora_qkv, lora_mask=qkv_mask, lora_rows=rows and qkv_mask != 0,
+                                 lora_scales=scales and qkv_mask != 0)
+    keys, values = cache.update_and_fetch(k, v)
+    return kernels.decode_out(x, q, keys, values, weights[9:], norm_post, mask, causal=causal,
+                              specs=plan.out_specs, **plan.out, lora=lora_out,
+                              lora_mask=out_mask, lora_rows=rows and out_mask != 0,
+                              lora_scales=scales and out_mask != 0)
+
+
+def _room(cache, tokens: int) -> tuple | None:
+    """(keys buffer, values buffer, where the new tokens go) of mlx-lm's KVCache or
+    BatchKVCache when its buffers have room for `tokens` more, which decode_block then writes;
+    None for any other cache or when the buffers must grow first (update_and_fetch does)."""
+    kind = type(cache)
+    if kind is KVCache:
+        prev = cache.offset
+    elif kind is BatchKVCache:
+        prev = cache._idx
+    else:
+        return None
+    keys = cache.keys
+    if keys is None or prev + tokens > keys.shape[2]:
+        return None
+    return keys, cache.values, prev
+
+
+def _advance(cache, keys: mx.array, values: mx.array, tokens: int) -> None:
+    """The cache's bookkeeping after decode_block wrote `tokens` entries, as update_and_fetch
+    keeps it."""
+    cache.keys, cache.values = keys, values
+    if type(cache) is KVCache:
+        cache.offset += tokens
+    else:
+        cache._idx += tokens
+        cache.offset = cache.offset + tokens

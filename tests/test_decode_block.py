@@ -45,19 +45,22 @@ def _model(arch: str, bits: int = 4, group_size: int = 32, seed: int = 0):
 
 
 class _Count:
-    """Counts calls of the fused ops (kernels.decode_out), or switches them off."""
+    """Counts fused block calls (kernels.decode_block, or decode_out after update_and_fetch),
+    or switches them off."""
 
     def __init__(self, monkeypatch, off: bool = False):
         self.calls = 0
-        real = kernels.decode_out
+        for name in ("decode_out", "decode_block"):
+            monkeypatch.setattr(kernels, name, self._counted(getattr(kernels, name)))
+        if off:
+            monkeypatch.setattr(kernels, "decode_qkv", None)
 
+    def _counted(self, real):
         def counted(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(kernels, "decode_out", counted)
-        if off:
-            monkeypatch.setattr(kernels, "decode_qkv", None)
+        return counted
 
 
 def _decode(model, prompt: list[int], steps: int):

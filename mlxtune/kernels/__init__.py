@@ -9,7 +9,8 @@
   `quantized_matmul` for one row). Inference only: it has no gradient.
 - `rms_norm`, `rope`, `attention`, `swiglu`: MLX's fast ops as one op each for generation;
 - `decode_qkv`, `decode_out`: a whole decoder block as two ops when decoding (decode_block.py):
-  a token of SmolLM2-135M is ~200 MLX ops instead of ~750.
+  a token of SmolLM2-135M is ~200 MLX ops instead of ~750; `decode_block` (with
+  `block_params`): both, and the KV cache's write between them, in one call.
 
 Each is None when MLXTUNE_CPU_KERNELS=0, when the extension is not built, was built against
 another MLX, or cannot exchange arrays with this MLX: cpu_math then uses MLX's own ops (slower).
@@ -33,7 +34,7 @@ _REASON = "not built (run ./scripts/setup.sh, or python -m mlxtune.kernels.build
 
 # What this package's Python side calls: a module built from older sources lacks some of them.
 KERNELS = ("dequantize", "softmax_parts", "quantized_matmul", "rms_norm", "rope", "attention",
-           "swiglu", "decode_qkv", "decode_out")
+           "swiglu", "decode_qkv", "decode_out", "block_params", "decode_block")
 
 
 def _usable(module) -> bool:
@@ -67,6 +68,8 @@ attention = _cpu_kernels.attention if _OK else None
 swiglu = _cpu_kernels.swiglu if _OK else None
 decode_qkv = _cpu_kernels.decode_qkv if _OK else None
 decode_out = _cpu_kernels.decode_out if _OK else None
+block_params = _cpu_kernels.block_params if _OK else None
+decode_block = _cpu_kernels.decode_block if _OK else None
 
 
 def status() -> str:

@@ -399,6 +399,52 @@ NB_MODULE(_cpu_kernels, m) {
       "its norm (weights: o, gate, up, down as (packed, scales, biases) triples). Both ops take "
       "low-rank adapter deltas: lora = an (A, B) pair per projection set in lora_mask, then "
       "each batch row's slot (lora_rows) and scale (lora_scales).");
+  nb::class_<mlxtune::BlockParams>(m, "BlockParams",
+                                   "A decoder block's settings for decode_block (block_params).");
+  m.def(
+      "block_params",
+      [](float eps, int heads, int kv_heads, int head_dim, int rope_dims, bool traditional,
+         float rope_base, float rope_scale, const std::vector<int>& specs, bool has_bias,
+         bool has_qk_norm, float qk_eps, float scale, float out_eps,
+         const std::vector<int>& out_specs) {
+        mlxtune::BlockParams p;
+        p.qkv = {eps, heads, kv_heads, head_dim, rope_dims, traditional, rope_base, rope_scale,
+                 {}, has_bias, has_qk_norm, qk_eps, {}};
+        set_specs(p.qkv.spec, 3, specs);
+        p.out = {scale, false, out_eps, {}, false, {}};
+        set_specs(p.out.spec, 4, out_specs);
+        return p;
+      },
+      nb::kw_only(), "eps"_a, "heads"_a, "kv_heads"_a, "head_dim"_a, "rope_dims"_a,
+      "traditional"_a, "rope_base"_a, "rope_scale"_a, "specs"_a, "has_bias"_a, "has_qk_norm"_a,
+      "qk_eps"_a, "scale"_a, "out_eps"_a, "out_specs"_a,
+      "A block's settings for decode_block: decode_qkv's keywords, then decode_out's scale, "
+      "eps (as out_eps) and specs (as out_specs).");
+  m.def(
+      "decode_block",
+      [](const mlxtune::BlockParams& params, const mx::array& x, const mx::array& norm_in,
+         const mx::array& norm_post, const std::vector<mx::array>& weights,
+         const mx::array& offset, const std::vector<mx::array>& extras, const mx::array& keys,
+         const mx::array& values, int prev, const std::optional<mx::array>& mask, bool causal,
+         const std::vector<mx::array>& lora_qkv, const std::vector<mx::array>& lora_out,
+         int qkv_mask, int out_mask, bool lora_rows, bool lora_scales, mx::StreamOrDevice s) {
+        mlxtune::BlockParams p = params;
+        p.out.causal = causal;
+        p.qkv.lora = {qkv_mask, qkv_mask != 0 && lora_rows, qkv_mask != 0 && lora_scales};
+        p.out.lora = {out_mask, out_mask != 0 && lora_rows, out_mask != 0 && lora_scales};
+        return mlxtune::decode_block(x, p, norm_in, norm_post, weights, offset, extras, keys,
+                                     values, prev, mask, lora_qkv, lora_out, s);
+      },
+      "params"_a, "x"_a, "norm_in"_a, "norm_post"_a, "weights"_a, "offset"_a, "extras"_a,
+      "keys"_a, "values"_a, "prev"_a, "mask"_a.none(), "causal"_a,
+      "lora_qkv"_a = std::vector<mx::array>{}, "lora_out"_a = std::vector<mx::array>{},
+      "qkv_mask"_a = 0, "out_mask"_a = 0, "lora_rows"_a = false, "lora_scales"_a = false,
+      nb::kw_only(), "stream"_a = nb::none(),
+      "A decoder block's decode step in one call: decode_qkv, k and v written into the KV "
+      "cache's buffers (keys, values: (B, kv_heads, room, head_dim)) at [prev, prev + L), "
+      "decode_out over [0, prev + L). weights: q, k, v, o, gate, up, down triples; adapter "
+      "arrays per half as the two ops take them, with each half's projection mask. Returns "
+      "[h, keys buffer, values buffer].");
   m.def("matmul_isa", &mlxtune::matmul_isa, "The instruction set quantized_matmul uses.");
   m.def("set_matmul_isa", &mlxtune::set_matmul_isa, "isa"_a,
         "Use another instruction set the CPU has (avx512, avx2, baseline); returns the previous.");

@@ -396,4 +396,39 @@ mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& ke
   return mx::array(x.shape(), mx::float32, std::make_shared<DecodeOut>(stream, p), inputs);
 }
 
+std::vector<mx::array> decode_block(const mx::array& x, const BlockParams& p,
+                                    const mx::array& norm_in, const mx::array& norm_post,
+                                    const std::vector<mx::array>& weights,
+                                    const mx::array& offset, const std::vector<mx::array>& extras,
+                                    const mx::array& keys, const mx::array& values, int prev,
+                                    const std::optional<mx::array>& mask,
+                                    const std::vector<mx::array>& lora_qkv,
+                                    const std::vector<mx::array>& lora_out,
+                                    mx::StreamOrDevice s) {
+  check_x(x, "decode_block");
+  check_weights(weights, 21, "decode_block");
+  const int L = x.shape(1);
+  for (const auto* a : {&keys, &values}) {
+    if (a->dtype() != mx::float32 || a->ndim() != 4 || a->shape(0) != x.shape(0) ||
+        a->shape(1) != p.qkv.kv_heads || a->shape(2) != keys.shape(2) ||
+        a->shape(3) != p.qkv.head_dim || prev < 0 || prev + L > a->shape(2)) {
+      throw std::invalid_argument(
+          "[mlxtune decode_block] keys, values: float32 (B, kv_heads, room, head_dim) buffers "
+          "with room for the new tokens after prev.");
+    }
+  }
+  const std::vector<mx::array> first(weights.begin(), weights.begin() + 9),
+      second(weights.begin() + 9, weights.end());
+  auto qkv = decode_qkv(x, norm_in, first, offset, extras, p.qkv, lora_qkv, s);
+  mx::Shape start{0, 0, prev, 0}, stop = keys.shape();
+  stop[2] = prev + L;
+  auto keys_all = mx::slice_update(keys, qkv[1], start, stop, s);
+  auto values_all = mx::slice_update(values, qkv[2], start, stop, s);
+  const mx::Shape zero{0, 0, 0, 0};
+  auto h = decode_out(x, qkv[0], mx::slice(keys_all, zero, stop, s),
+                      mx::slice(values_all, zero, stop, s), second, norm_post, mask, p.out,
+                      lora_out, s);
+  return {h, keys_all, values_all};
+}
+
 }  // namespace mlxtune

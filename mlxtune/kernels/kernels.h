@@ -180,6 +180,28 @@ mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& ke
                      const OutParams& p, const std::vector<mx::array>& lora = {},
                      mx::StreamOrDevice s = {});
 
+// A block's settings for both ops, made once per block (decode_block.py's plan).
+struct BlockParams {
+  QkvParams qkv;
+  OutParams out;
+};
+
+// A whole block's decode step in one call: decode_qkv, then k and v written at [prev, prev + L)
+// of the KV cache's buffers (slice_update, as mlx-lm's KVCache writes them), then decode_out
+// over positions [0, prev + L). Per block, a decode step's Python work had been two calls and
+// mlx-lm's update_and_fetch: more than the block's arithmetic on a small model. weights: the
+// seven projections' triples (q, k, v, o, gate, up, down); p.qkv.lora / p.out.lora say which
+// arrays lora_qkv / lora_out hold. Returns [h, keys buffer, values buffer].
+std::vector<mx::array> decode_block(const mx::array& x, const BlockParams& p,
+                                    const mx::array& norm_in, const mx::array& norm_post,
+                                    const std::vector<mx::array>& weights,
+                                    const mx::array& offset, const std::vector<mx::array>& extras,
+                                    const mx::array& keys, const mx::array& values, int prev,
+                                    const std::optional<mx::array>& mask,
+                                    const std::vector<mx::array>& lora_qkv,
+                                    const std::vector<mx::array>& lora_out,
+                                    mx::StreamOrDevice s = {});
+
 // The instruction set quantized_matmul uses ("avx512", "avx2" or "baseline"), and a switch to
 // another the CPU has (tests check every path on one machine); returns the previous one.
 std::string matmul_isa();
