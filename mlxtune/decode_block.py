@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlxtune import kernels
@@ -179,15 +180,75 @@ def decodes_fused(x: mx.array, mask, cache, max_tokens: int) -> bool:
                  or (mask.dtype in (mx.bool_, mx.float32) and mask.ndim <= 4)))
 
 
+def _plan_for(block) -> _Plan | None:
+    """The block's plan: made on its first call and again after a module was swapped."""
+    plan = block.__dict__.get("_mlxtune_plan", False)
+    if plan is False or (plan is not None and plan.swapped(block)):
+        plan = _make_plan(block)
+        object.__setattr__(block, "_mlxtune_plan", plan)  # a plain attribute, not a child
+    return plan
+
+
+def _offset(cache) -> mx.array:
+    offset = cache.offset
+    return offset if isinstance(offset, mx.array) else mx.array(offset, dtype=mx.int32)
+
+
+def fused_stack_call(inner, inputs: mx.array, cache=None, input_embeddings=None,
+                     max_tokens: int = 32) -> mx.array | None:
+    """The decoder stack's output (final norm included) for `inputs`, every block through one
+    decode_stack call, or None when a block or cache is not one it takes (the caller then runs
+    the model's own loop, whose blocks still fuse one by one where they can). Only the plain
+    stack of the STANDARD architectures: no input embeddings, no sliding-window layers, no
+    pipeline split, and mlx-lm's KVCache or BatchKVCache with room in every layer."""
+    layers = inner.layers
+    if (cache is None or input_embeddings is not None or len(cache) != len(layers)
+            or getattr(inner, "swa_idx", None) is not None
+            or getattr(inner, "pipeline_size", 1) != 1 or kernels.decode_stack is None):
+        return None
+    h = inner.embed_tokens(inputs)
+    mask = create_attention_mask(h, cache[0])
+    if not decodes_fused(h, mask, cache[0], max_tokens):
+        return None
+    tokens, args = h.shape[1], []
+    for block, c in zip(layers, cache):
+        plan = _plan_for(block) if hasattr(type(block), "_mlxtune_fused") else None
+        room = _room(c, tokens) if plan is not None else None
+        adapters = plan.adapters(h.shape[0]) if room is not None else None
+        if adapters is None:
+            return None
+        args.append((block, plan, room, adapters))
+    offsets: dict = {}  # KVCache's int offsets as arrays, one per value (all layers share it)
+    columns = [[] for _ in range(15)]
+    for (block, plan, (keys, values, prev), adapters), c in zip(args, cache):
+        offset = c.offset
+        if not isinstance(offset, mx.array):
+            if offset not in offsets:
+                offsets[offset] = _offset(c)
+            offset = offsets[offset]
+        extras = [layer["bias"] for layer in plan.layers[:3]] if plan.has_bias else []
+        row = (plan.params, block.input_layernorm.weight, block.post_attention_layernorm.weight,
+               plan.weights(), offset, extras + [n.weight for n in plan.qk_norms], keys, values,
+               prev, *adapters)
+        for column, value in zip(columns, row):
+            column.append(value)
+    params, norms_in, norms_post, weights, offs, extras, keys, values, prev, *lora = columns
+    norms = [w for pair in zip(norms_in, norms_post) for w in pair]
+    causal = isinstance(mask, str)
+    out = kernels.decode_stack(h, params, norms, weights, offs, extras, keys, values, prev,
+                               None if causal else mask, causal, *lora)
+    n = len(layers)
+    for i, c in enumerate(cache):
+        _advance(c, out[1 + i], out[1 + n + i], tokens)
+    return inner.norm(out[0])
+
+
 def fused_block_call(block, x: mx.array, mask, cache, max_tokens: int) -> mx.array | None:
     """The block's output through the two fused ops, or None when this call is not one they
     take (the caller then runs mlx-lm's block)."""
     if not decodes_fused(x, mask, cache, max_tokens):
         return None
-    plan = block.__dict__.get("_mlxtune_plan", False)
-    if plan is False or (plan is not None and plan.swapped(block)):
-        plan = _make_plan(block)
-        object.__setattr__(block, "_mlxtune_plan", plan)  # a plain attribute, not a child
+    plan = _plan_for(block)
     if plan is None:
         return None
     adapters = plan.adapters(x.shape[0])
@@ -195,9 +256,7 @@ def fused_block_call(block, x: mx.array, mask, cache, max_tokens: int) -> mx.arr
         return None
     extras = [layer["bias"] for layer in plan.layers[:3]] if plan.has_bias else []
     extras += [n.weight for n in plan.qk_norms]
-    offset = cache.offset
-    if not isinstance(offset, mx.array):
-        offset = mx.array(offset, dtype=mx.int32)
+    offset = _offset(cache)
     weights = plan.weights()
     causal = isinstance(mask, str)
     mask = None if causal else mask

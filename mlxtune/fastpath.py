@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxtune import kernels
-from mlxtune.decode_block import fused_block_call
+from mlxtune.decode_block import fused_block_call, fused_stack_call
 from mlxtune.cpu_math import (COMPUTE_DTYPE, attention, dequantize, dequantized_matmul,
                               linear_cross_entropy, packed_matmul, swiglu)
 
@@ -206,8 +206,23 @@ def _fused_block_class(cls: type) -> type:
         return cls.__call__(self, x, mask, cache) if out is None else out
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": __name__,
+                                       "_mlxtune_fused": True,
                                        "__doc__": f"{cls.__module__}.TransformerBlock, decoding "
                                                   "through two fused ops when it can."})
+
+
+@lru_cache(maxsize=None)
+def _fused_stack_class(cls: type) -> type:
+    def __call__(self, inputs, cache=None, input_embeddings=None, **kwargs):
+        out = None if kwargs else fused_stack_call(self, inputs, cache, input_embeddings,
+                                                   PACKED_ROWS)
+        if out is None:
+            return cls.__call__(self, inputs, cache, input_embeddings, **kwargs)
+        return out
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": __name__,
+                                       "__doc__": f"{cls.__module__}.{cls.__name__}, decoding "
+                                                  "all its fused blocks in one call when it can."})
 
 
 def _swap_classes(model: nn.Module, name: str, twin) -> int:
@@ -232,7 +247,11 @@ def use_fused_blocks(model: nn.Module) -> int:
     fused ops of decode_block.py (generation only: no gradient); returns how many were swapped."""
     if kernels.decode_qkv is None:
         return 0
-    return _swap_classes(model, "TransformerBlock", _fused_block_class)
+    swapped = _swap_classes(model, "TransformerBlock", _fused_block_class)
+    inner = getattr(model, "model", None)
+    if swapped and type(inner).__module__ in STANDARD and "layers" in inner:
+        model.update_modules({"model": _rebase(_fused_stack_class(type(inner)), inner)})
+    return swapped
 
 
 # The fast attention keeps its probabilities for the backward pass, as MLX's own does not: above

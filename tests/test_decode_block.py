@@ -5,6 +5,8 @@ not, where the block must fall back)."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -45,19 +47,20 @@ def _model(arch: str, bits: int = 4, group_size: int = 32, seed: int = 0):
 
 
 class _Count:
-    """Counts fused block calls (kernels.decode_block, or decode_out after update_and_fetch),
-    or switches them off."""
+    """Counts blocks computed by the fused ops (decode_stack's blocks, decode_block, decode_out
+    after update_and_fetch), or switches them off."""
 
     def __init__(self, monkeypatch, off: bool = False):
-        self.calls = 0
-        for name in ("decode_out", "decode_block"):
-            monkeypatch.setattr(kernels, name, self._counted(getattr(kernels, name)))
+        self.calls, self.by_op = 0, Counter()
+        for name in ("decode_out", "decode_block", "decode_stack"):
+            monkeypatch.setattr(kernels, name, self._counted(getattr(kernels, name), name))
         if off:
             monkeypatch.setattr(kernels, "decode_qkv", None)
 
-    def _counted(self, real):
+    def _counted(self, real, name: str):
         def counted(*args, **kwargs):
-            self.calls += 1
+            self.calls += len(args[1]) if name == "decode_stack" else 1
+            self.by_op[name] += 1
             return real(*args, **kwargs)
 
         return counted
@@ -86,8 +89,10 @@ def test_fused_block_equals_one_op_path(arch, bits, group_size, monkeypatch):
         want = _decode(model, prompt, 8)
     count = _Count(monkeypatch)
     got = _decode(model, prompt, 8)
-    # The 7-token prompt (<= PACKED_ROWS, causal mask) and every step, in both blocks.
+    # The 7-token prompt (<= PACKED_ROWS, causal mask) and every step, in both blocks; the
+    # prompt block by block (the empty cache grows), each step one call for the whole stack.
     assert count.calls == 2 * 9
+    assert count.by_op == {"decode_out": 2, "decode_stack": 8}
     assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), \
         mx.abs(got - want).max().item()
 

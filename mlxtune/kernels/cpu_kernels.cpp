@@ -445,6 +445,28 @@ NB_MODULE(_cpu_kernels, m) {
       "decode_out over [0, prev + L). weights: q, k, v, o, gate, up, down triples; adapter "
       "arrays per half as the two ops take them, with each half's projection mask. Returns "
       "[h, keys buffer, values buffer].");
+  m.def(
+      "decode_stack",
+      [](const mx::array& x, const std::vector<mlxtune::BlockParams>& params,
+         const std::vector<mx::array>& norms, const std::vector<std::vector<mx::array>>& weights,
+         const std::vector<mx::array>& offsets,
+         const std::vector<std::vector<mx::array>>& extras, const std::vector<mx::array>& keys,
+         const std::vector<mx::array>& values, const std::vector<int>& prev,
+         const std::optional<mx::array>& mask, bool causal,
+         const std::vector<std::vector<mx::array>>& lora_qkv,
+         const std::vector<std::vector<mx::array>>& lora_out, const std::vector<int>& qkv_masks,
+         const std::vector<int>& out_masks, const std::vector<int>& lora_rows,
+         const std::vector<int>& lora_scales, mx::StreamOrDevice s) {
+        return mlxtune::decode_stack(
+            x, params, norms, weights, offsets, extras, keys, values, prev, mask, causal,
+            {lora_qkv, lora_out, qkv_masks, out_masks, lora_rows, lora_scales}, s);
+      },
+      "x"_a, "params"_a, "norms"_a, "weights"_a, "offsets"_a, "extras"_a, "keys"_a, "values"_a,
+      "prev"_a, "mask"_a.none(), "causal"_a, "lora_qkv"_a, "lora_out"_a, "qkv_masks"_a,
+      "out_masks"_a, "lora_rows"_a, "lora_scales"_a, nb::kw_only(), "stream"_a = nb::none(),
+      "Every block of a decoder stack through decode_block in one call: per layer its params, "
+      "two norm weights (input, post-attention), weights, offset, extras, KV buffers, prev and "
+      "adapter inputs. Returns [h, keys buffers..., values buffers...].");
   m.def("matmul_isa", &mlxtune::matmul_isa, "The instruction set quantized_matmul uses.");
   m.def("set_matmul_isa", &mlxtune::set_matmul_isa, "isa"_a,
         "Use another instruction set the CPU has (avx512, avx2, baseline); returns the previous.");

@@ -431,4 +431,43 @@ std::vector<mx::array> decode_block(const mx::array& x, const BlockParams& p,
   return {h, keys_all, values_all};
 }
 
+std::vector<mx::array> decode_stack(const mx::array& x, const std::vector<BlockParams>& params,
+                                    const std::vector<mx::array>& norms,
+                                    const std::vector<std::vector<mx::array>>& weights,
+                                    const std::vector<mx::array>& offsets,
+                                    const std::vector<std::vector<mx::array>>& extras,
+                                    const std::vector<mx::array>& keys,
+                                    const std::vector<mx::array>& values,
+                                    const std::vector<int>& prev,
+                                    const std::optional<mx::array>& mask, bool causal,
+                                    const StackAdapters& adapters, mx::StreamOrDevice s) {
+  const size_t n = params.size();
+  for (size_t count : {norms.size() / 2, weights.size(), offsets.size(), extras.size(),
+                       keys.size(), values.size(), prev.size(), adapters.qkv.size(),
+                       adapters.out.size(), adapters.qkv_masks.size(),
+                       adapters.out_masks.size(), adapters.rows.size(), adapters.scales.size()}) {
+    if (count != n || norms.size() % 2 != 0) {
+      throw std::invalid_argument("[mlxtune decode_stack] every list needs one entry a layer "
+                                  "(norms: two).");
+    }
+  }
+  mx::array h = x;
+  std::vector<mx::array> out(2 * n + 1, x);
+  for (size_t i = 0; i < n; ++i) {
+    BlockParams p = params[i];
+    const int qm = adapters.qkv_masks[i], om = adapters.out_masks[i];
+    p.out.causal = causal;
+    p.qkv.lora = {qm, qm != 0 && adapters.rows[i] != 0, qm != 0 && adapters.scales[i] != 0};
+    p.out.lora = {om, om != 0 && adapters.rows[i] != 0, om != 0 && adapters.scales[i] != 0};
+    auto block = decode_block(h, p, norms[2 * i], norms[2 * i + 1], weights[i], offsets[i],
+                              extras[i], keys[i], values[i], prev[i], mask, adapters.qkv[i],
+                              adapters.out[i], s);
+    h = block[0];
+    out[1 + i] = block[1];
+    out[1 + n + i] = block[2];
+  }
+  out[0] = h;
+  return out;
+}
+
 }  // namespace mlxtune

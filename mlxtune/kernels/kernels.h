@@ -202,6 +202,26 @@ std::vector<mx::array> decode_block(const mx::array& x, const BlockParams& p,
                                     const std::vector<mx::array>& lora_out,
                                     mx::StreamOrDevice s = {});
 
+// Every block of a decoder stack through decode_block in one call (a decode step's Python work
+// was ~15 us a block): layer i takes params[i], norms[2i] (input) and norms[2i + 1] (post-
+// attention), weights[i], offsets[i], extras[i], keys[i], values[i], prev[i] and its adapter
+// arrays; the mask is the stack's. Returns [h, keys buffers..., values buffers...].
+struct StackAdapters {
+  std::vector<std::vector<mx::array>> qkv, out;  // per layer (empty lists: none)
+  std::vector<int> qkv_masks, out_masks;
+  std::vector<int> rows, scales;  // per layer: whether its arrays end with rows / scales
+};
+std::vector<mx::array> decode_stack(const mx::array& x, const std::vector<BlockParams>& params,
+                                    const std::vector<mx::array>& norms,
+                                    const std::vector<std::vector<mx::array>>& weights,
+                                    const std::vector<mx::array>& offsets,
+                                    const std::vector<std::vector<mx::array>>& extras,
+                                    const std::vector<mx::array>& keys,
+                                    const std::vector<mx::array>& values,
+                                    const std::vector<int>& prev,
+                                    const std::optional<mx::array>& mask, bool causal,
+                                    const StackAdapters& adapters, mx::StreamOrDevice s = {});
+
 // The instruction set quantized_matmul uses ("avx512", "avx2" or "baseline"), and a switch to
 // another the CPU has (tests check every path on one machine); returns the previous one.
 std::string matmul_isa();
