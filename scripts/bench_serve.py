@@ -4,7 +4,10 @@ model, in one run, on loopback (127.0.0.1 only).
     python scripts/bench_serve.py [--model smollm2-135m] [--max-tokens 64] [--concurrency 8]
                                   [--threads N] [--mixed 12] [--stock] [--no-llama]
 
-Each server runs alone in a subprocess (one at a time, so they never share the CPU). mlxtune
+mlxtune serve and llama-server run side by side in subprocesses, but never both busy: their
+one-request runs alternate (ABBA rounds), so a machine that drifts (these VMs: 10-25% between
+minutes) slows both alike and the ratio, the median of each round's, holds; each server's
+concurrent phase then runs while the other idles. Stock mlx_lm.server runs alone after. mlxtune
 gets the fast BLAS preload; llama-server (built once from the llama.cpp source vendored in
 PyPI's llama-cpp-python sdist, into ~/.cache/mlxtune-bench/llama.cpp) serves the GGUF the
 built-in model is converted from, with N parallel slots and the same number of threads as
@@ -139,36 +142,55 @@ def one(client, model: str, max_tokens: int, extra: dict | None = None) -> dict:
             "gen_tps": (n - 1) / (end - first) if n > 1 and end > first else 0.0}
 
 
-def measure(base_url: str, model: str, max_tokens: int, concurrency: int, repeats: int,
-            single_only: bool = False) -> dict:
+def _client(base_url: str):
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
-    one(client, model, 8)  # warm-up: compile, caches
-    singles = [one(client, model, max_tokens) for _ in range(repeats)]
-    # Printed as it goes: a slow server's first numbers are seen even if a later phase is cut.
-    print(json.dumps({"url": base_url, "ttft_1": statistics.median(r["ttft"] for r in singles),
-                      "tps_1": statistics.median(r["gen_tps"] for r in singles)}), flush=True)
-    if single_only:
-        return {"ttft_1": statistics.median(r["ttft"] for r in singles),
-                "tps_1": statistics.median(r["gen_tps"] for r in singles),
-                "ttft_n": None, "tps_n": None, "switch": None}
+    return openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+
+
+def singles(servers: dict, max_tokens: int, repeats: int) -> dict:
+    """One request at a time, the servers ({name: (url, model)}) taking turns in ABBA rounds:
+    per server the median time to first token and generation tokens/s, and for every server
+    after the first (mlxtune's peers) the median of the rounds' ratios to the first."""
+    clients = {name: (_client(url), model) for name, (url, model) in servers.items()}
+    for client, model in clients.values():
+        one(client, model, 8)  # warm-up: compile, caches
+    runs: dict = {name: [] for name in clients}
+    order = list(clients)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            runs[name].append(one(clients[name][0], clients[name][1], max_tokens))
+    first = order[0]
+    out = {}
+    for name, rs in runs.items():
+        out[name] = {"ttft_1": statistics.median(x["ttft"] for x in rs),
+                     "tps_1": statistics.median(x["gen_tps"] for x in rs)}
+        if name != first:  # per round, ours / theirs (tokens/s) and theirs / ours (TTFT)
+            pairs = list(zip(runs[first], rs))
+            out[name]["round_tps_ratio"] = statistics.median(
+                a["gen_tps"] / b["gen_tps"] for a, b in pairs if b["gen_tps"])
+            out[name]["round_ttft_ratio"] = statistics.median(
+                b["ttft"] / a["ttft"] for a, b in pairs if a["ttft"])
+        # Printed as it goes: a slow server's first numbers are seen even if a later phase is cut.
+        print(json.dumps({name: out[name]}), flush=True)
+    return out
+
+
+def concurrent(base_url: str, model: str, max_tokens: int, concurrency: int) -> dict:
+    """`concurrency` requests at once: their mean time to first token, aggregate tokens/s."""
+    client = _client(base_url)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         runs = list(pool.map(lambda _: one(client, model, max_tokens), range(concurrency)))
     wall = time.perf_counter() - t0
-    return {"ttft_1": statistics.median(r["ttft"] for r in singles),
-            "tps_1": statistics.median(r["gen_tps"] for r in singles),
-            "ttft_n": statistics.mean(r["ttft"] for r in runs),
+    return {"ttft_n": statistics.mean(r["ttft"] for r in runs),
             "tps_n": sum(r["tokens"] for r in runs) / wall}
 
 
 def switch_cost(base_url: str, names: list[str], request=None, rounds: int = 3) -> float:
     """Extra seconds a 1-token request takes when it uses another adapter than the last one;
     `request(name)` gives the (model, extra body) that asks for adapter `name`."""
-    import openai
-
-    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+    client = _client(base_url)
     request = request or (lambda name: (name, None))
     same, switched = [], []
     for _ in range(rounds):
@@ -182,9 +204,7 @@ def mixed_load(base_url: str, names: list[str], max_tokens: int, n: int) -> dict
     """Aggregate tokens/s of `n` concurrent requests cycling over `names` (the base and
     adapters, one mixed batch) and of the same `n` all on names[1] (one adapter), and their
     ratio: what serving many adapters at once costs over serving one."""
-    import openai
-
-    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+    client = _client(base_url)
 
     def load(models: list[str]) -> float:
         t0 = time.perf_counter()
@@ -210,15 +230,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_server(name: str, cmd: list[str], port: int, env: dict, work) -> dict:
-    """Start one server, run `work(url)` against it, stop it; its results, printed as they come."""
-    proc = start(cmd, port, env)
-    try:
-        result = work(f"http://127.0.0.1:{port}/v1")
-        print(json.dumps({name: result}), flush=True)
-        return result
-    finally:
-        stop(proc)
 
 
 def print_table(results: dict, concurrency: int) -> None:
@@ -245,7 +256,35 @@ def print_table(results: dict, concurrency: int) -> None:
             else:  # "x times better": speed ours/peer, time peer/ours
                 ratios += f"{(a / b if higher else b / a):21.2f}x"
         print(f"{label:42}{cells}{ratios}")
+    for n in peers:
+        if results[n].get("round_tps_ratio"):
+            print(f"one request, median of the alternating rounds' ratios vs {n}: tokens/s "
+                  f"{results[n]['round_tps_ratio']:.2f}x, TTFT "
+                  f"{results[n]['round_ttft_ratio']:.2f}x")
     print("(ratios: how many times better mlxtune is; below 1 it is worse)")
+
+
+def stock_leg(model_dir: Path, adapters: dict, args, env: dict) -> dict:
+    """Stock mlx_lm.server alone (the others stopped): its one-request figures, and unless
+    --stock-single-only its concurrent phase and adapter switch (the request's `adapters` field,
+    which reloads the model)."""
+    paths = {str(model_dir): None, **{n: str(p) for n, p in adapters.items()}}
+    port = free_port()
+    proc = start([sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--host",
+                  "127.0.0.1", "--port", str(port)], port, env)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        result = singles({"mlx_lm.server": (url, "default_model")}, args.max_tokens,
+                         args.repeats)["mlx_lm.server"]
+        if args.stock_single_only:
+            return {**result, "ttft_n": None, "tps_n": None, "switch": None}
+        result.update(concurrent(url, "default_model", args.max_tokens, args.concurrency))
+        result["switch"] = switch_cost(
+            url, list(paths), rounds=2,
+            request=lambda n: ("default_model", {"adapters": paths[n]} if paths[n] else {}))
+        return result
+    finally:
+        stop(proc)
 
 
 def main() -> None:
@@ -253,7 +292,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6,
+                        help="one-request rounds (the servers alternate: ABBA)")
     parser.add_argument("--mixed", type=int, default=12,
                         help="mlxtune's mixed-adapter leg: this many concurrent requests over the "
                         "base and 3 adapters, then all on one adapter (0: skip)")
@@ -288,50 +328,37 @@ def main() -> None:
           f"model {model_dir}; {args.max_tokens} tokens per answer, greedy", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     adapters = {f"lora{i}": random_adapter(model_dir, tmp / f"lora{i}", i) for i in (1, 2, 3)}
-    results = {}
-
-    def ours(url):
-        result = measure(url, str(model_dir), args.max_tokens, args.concurrency, args.repeats)
-        result["switch"] = switch_cost(url, [str(model_dir), *adapters])
-        if args.mixed:
-            result.update(mixed_load(url, [str(model_dir), *adapters], args.max_tokens,
-                                     args.mixed))
-        return result
-
-    port = free_port()
-    results["mlxtune serve"] = run_server(
-        "mlxtune serve",
-        [sys.executable, "-m", "mlxtune", "serve", "--model", str(model_dir), "--host",
-         "127.0.0.1", "--port", str(port),
-         "--max-batch", str(max(args.concurrency, args.mixed)),
-         *(x for n, p in adapters.items() for x in ("--adapter", f"{n}={p}"))], port, env, ours)
-
-    if binary is not None:
+    procs, servers = [], {}
+    try:
         port = free_port()
-        results["llama-server"] = run_server(
-            "llama-server",
-            [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-             "-np", str(args.concurrency), "-t", str(args.threads)],
-            port, {**os.environ, "LD_LIBRARY_PATH": str(binary.parent)},
-            lambda url: measure(url, "default_model", args.max_tokens, args.concurrency,
-                                args.repeats))
+        procs.append(start(
+            [sys.executable, "-m", "mlxtune", "serve", "--model", str(model_dir), "--host",
+             "127.0.0.1", "--port", str(port),
+             "--max-batch", str(max(args.concurrency, args.mixed)),
+             *(x for n, p in adapters.items() for x in ("--adapter", f"{n}={p}"))], port, env))
+        servers["mlxtune serve"] = (f"http://127.0.0.1:{port}/v1", str(model_dir))
+        if binary is not None:
+            port = free_port()
+            procs.append(start(
+                [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                 "-np", str(args.concurrency), "-t", str(args.threads)],
+                port, {**os.environ, "LD_LIBRARY_PATH": str(binary.parent)}))
+            servers["llama-server"] = (f"http://127.0.0.1:{port}/v1", "default_model")
+        results = singles(servers, args.max_tokens, args.repeats)
+        for name, (url, model) in servers.items():
+            results[name].update(concurrent(url, model, args.max_tokens, args.concurrency))
+        url = servers["mlxtune serve"][0]
+        results["mlxtune serve"]["switch"] = switch_cost(url, [str(model_dir), *adapters])
+        if args.mixed:
+            results["mlxtune serve"].update(
+                mixed_load(url, [str(model_dir), *adapters], args.max_tokens, args.mixed))
+        print(json.dumps(results), flush=True)
+    finally:
+        for proc in procs:
+            stop(proc)
 
     if args.stock or args.stock_single_only:
-        paths = {str(model_dir): None, **{n: str(p) for n, p in adapters.items()}}
-
-        def stock(url):
-            result = measure(url, "default_model", args.max_tokens, args.concurrency,
-                             args.repeats, args.stock_single_only)
-            if not args.stock_single_only:
-                result["switch"] = switch_cost(
-                    url, list(paths), rounds=2,
-                    request=lambda n: ("default_model", {"adapters": paths[n]} if paths[n] else {}))
-            return result
-
-        port = free_port()
-        results["mlx_lm.server"] = run_server(
-            "mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-                              "--host", "127.0.0.1", "--port", str(port)], port, env, stock)
+        results["mlx_lm.server"] = stock_leg(model_dir, adapters, args, env)
 
     print(f"CPU: {cpu_name()}; model {model_dir}; {args.max_tokens} tokens per answer, greedy")
     print_table(results, args.concurrency)
