@@ -227,8 +227,10 @@ class DecodeOut : public InferenceOnly {
     if (p.has_mask) mask = in[17];
     LoraInputs lora;
     lora_inputs(in, p.has_mask ? 18 : 17, p.lora, 4, lora);
-    attention_raw(view4(in[1]), view4(in[2]), view4(in[3]), mask_view(mask), p.scale, p.causal,
-                  attn.data(), strides);
+    View4 keys = view4(in[2]), values = view4(in[3]);
+    if (p.kv_length >= 0) keys.shape[2] = values.shape[2] = p.kv_length;
+    attention_raw(view4(in[1]), keys, values, mask_view(mask), p.scale, p.causal, attn.data(),
+                  strides);
     // h = x + o_proj(attn), kept in `out`.
     std::vector<float> proj(M * D);
     qmatmul_raw(attn.data(), M, weight_at(in, 4, p.spec[0], copies), proj.data());
@@ -381,6 +383,9 @@ mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& ke
     throw std::invalid_argument(
         "[mlxtune decode_out] q, keys, values and the weights do not match.");
   }
+  if (p.kv_length > keys.shape(2)) {
+    throw std::invalid_argument("[mlxtune decode_out] kv_length beyond the keys.");
+  }
   if (mask && (mask->ndim() > 4 || (mask->dtype() != mx::bool_ && mask->dtype() != mx::float32))) {
     throw std::invalid_argument("[mlxtune decode_out] mask: bool or float32, at most 4-D.");
   }
@@ -424,10 +429,10 @@ std::vector<mx::array> decode_block(const mx::array& x, const BlockParams& p,
   stop[2] = prev + L;
   auto keys_all = mx::slice_update(keys, qkv[1], start, stop, s);
   auto values_all = mx::slice_update(values, qkv[2], start, stop, s);
-  const mx::Shape zero{0, 0, 0, 0};
-  auto h = decode_out(x, qkv[0], mx::slice(keys_all, zero, stop, s),
-                      mx::slice(values_all, zero, stop, s), second, norm_post, mask, p.out,
-                      lora_out, s);
+  // Attention reads the buffers' first prev + L positions in place (no slice ops).
+  OutParams out = p.out;
+  out.kv_length = prev + L;
+  auto h = decode_out(x, qkv[0], keys_all, values_all, second, norm_post, mask, out, lora_out, s);
   return {h, keys_all, values_all};
 }
 

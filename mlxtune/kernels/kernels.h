@@ -161,6 +161,7 @@ struct OutParams {
   QuantSpec spec[4];  // o, gate, up, down
   bool has_mask = false;
   LoraSpec lora;  // o, gate, up, down
+  int kv_length = -1;  // attend to the first kv_length positions of keys/values (-1: all)
   bool operator==(const OutParams&) const = default;
 };
 
