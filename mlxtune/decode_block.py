@@ -218,28 +218,30 @@ def fused_stack_call(inner, inputs: mx.array, cache=None, input_embeddings=None,
         if adapters is None:
             return None
         args.append((block, plan, room, adapters))
-    offsets: dict = {}  # KVCache's int offsets as arrays, one per value (all layers share it)
-    columns = [[] for _ in range(15)]
-    for (block, plan, (keys, values, prev), adapters), c in zip(args, cache):
-        offset = c.offset
-        if not isinstance(offset, mx.array):
-            if offset not in offsets:
-                offsets[offset] = _offset(c)
-            offset = offsets[offset]
+    # Every layer's cache holds the same positions (mlx-lm's models take all layers' attention
+    # mask from cache[0] on that ground): one offset array serves every layer's RoPE, and one
+    # advanced offset every BatchKVCache after (not 30 additions a step).
+    kinds, starts = {type(c) for c in cache}, {room[2] for _, _, room, _ in args}
+    if len(kinds) != 1 or len(starts) != 1:
+        return None
+    offset = _offset(cache[0])
+    columns = [[] for _ in range(14)]
+    for block, plan, (keys, values, prev), adapters in args:
         extras = [layer["bias"] for layer in plan.layers[:3]] if plan.has_bias else []
         row = (plan.params, block.input_layernorm.weight, block.post_attention_layernorm.weight,
-               plan.weights(), offset, extras + [n.weight for n in plan.qk_norms], keys, values,
-               prev, *adapters)
+               plan.weights(), extras + [n.weight for n in plan.qk_norms], keys, values, prev,
+               *adapters)
         for column, value in zip(columns, row):
             column.append(value)
-    params, norms_in, norms_post, weights, offs, extras, keys, values, prev, *lora = columns
+    params, norms_in, norms_post, weights, extras, keys, values, prev, *lora = columns
     norms = [w for pair in zip(norms_in, norms_post) for w in pair]
     causal = isinstance(mask, str)
-    out = kernels.decode_stack(h, params, norms, weights, offs, extras, keys, values, prev,
-                               None if causal else mask, causal, *lora)
+    out = kernels.decode_stack(h, params, norms, weights, [offset] * len(layers), extras, keys,
+                               values, prev, None if causal else mask, causal, *lora)
     n = len(layers)
+    advanced = offset + tokens if BatchKVCache in kinds else None
     for i, c in enumerate(cache):
-        _advance(c, out[1 + i], out[1 + n + i], tokens)
+        _advance(c, out[1 + i], out[1 + n + i], tokens, advanced)
     return inner.norm(out[0])
 
 
@@ -296,12 +298,14 @@ def _room(cache, tokens: int) -> tuple | None:
     return keys, cache.values, prev
 
 
-def _advance(cache, keys: mx.array, values: mx.array, tokens: int) -> None:
+def _advance(cache, keys: mx.array, values: mx.array, tokens: int,
+             offset: mx.array | None = None) -> None:
     """The cache's bookkeeping after decode_block wrote `tokens` entries, as update_and_fetch
-    keeps it."""
+    keeps it (a BatchKVCache's new offset: `offset` when the caller computed it once for all
+    layers)."""
     cache.keys, cache.values = keys, values
     if type(cache) is KVCache:
         cache.offset += tokens
     else:
         cache._idx += tokens
-        cache.offset = cache.offset + tokens
+        cache.offset = cache.offset + tokens if offset is None else offset
