@@ -97,6 +97,36 @@ def test_fused_block_equals_one_op_path(arch, bits, group_size, monkeypatch):
         mx.abs(got - want).max().item()
 
 
+def test_decoding_across_a_kv_buffer_growth_equals_the_one_op_path(monkeypatch):
+    """mlx-lm's KVCache grows its buffers 256 positions at a time: the step that needs room
+    runs block by block (update_and_fetch grows them), the steps around it as one stack call,
+    and every step's logits equal the one-op path's."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = _model("qwen2")
+    prompt = [(7 * i) % 97 + 1 for i in range(250)]
+
+    def decode():
+        cache = make_prompt_cache(model)
+        logits = model(mx.array([prompt]), cache=cache)[:, -1]
+        out = []
+        for _ in range(12):  # positions 250..261: across the first growth at 256
+            logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
+            out.append(logits)
+        assert cache[0].offset == 262 and cache[0].keys.shape[2] == 512
+        return mx.stack(out)
+
+    with monkeypatch.context() as m:
+        _Count(m, off=True)
+        want = decode()
+    count = _Count(monkeypatch)
+    got = decode()
+    # The 250-token prompt runs mlx-lm's blocks (more than PACKED_ROWS tokens); of the 12
+    # steps, the one at position 256 goes block by block, the other 11 as stacks.
+    assert count.by_op == {"decode_out": 2, "decode_stack": 11}
+    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), mx.abs(got - want).max().item()
+
+
 def test_fused_block_equals_one_op_path_on_every_instruction_set(monkeypatch):
     from tests.test_kernels import _isas
 
