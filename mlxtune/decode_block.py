@@ -7,6 +7,15 @@ A step of SmolLM2-135M was ~750 MLX ops, ~25 a block: scheduling and building th
 than the arithmetic. The fused block computes the same formulas with the same routines as the
 one-op kernels, so its numbers equal theirs to float rounding (tests/test_decode_block.py).
 
+A decode step's Python work was then ~23 us a block (two op calls, mlx-lm's update_and_fetch,
+the plan's checks) against ~10 ms of arithmetic for the whole model: the plain stack of the
+STANDARD architectures now goes through one `kernels.decode_stack` call a step, which builds
+every block's ops and KV writes in C++ (`decode_block`: decode_qkv, the writes into mlx-lm's
+own KVCache / BatchKVCache buffers as update_and_fetch makes them, decode_out). Where the
+stack call does not apply, each block still runs decode_block when its cache is one of those two
+with room, else the two ops with the cache's own update_and_fetch between them (a cache of
+another kind, or buffers that must grow first).
+
 Adapters ride along: the ops add each projection's low-rank delta themselves, for serve's
 mixed batches (serve/registry.AdapterSlot: every row with its own adapter slot and scale) and for
 mlx-lm's LoRALinear (eval's local backend with an adapter).
@@ -194,8 +203,8 @@ def _offset(cache) -> mx.array:
     return offset if isinstance(offset, mx.array) else mx.array(offset, dtype=mx.int32)
 
 
-def fused_stack_call(inner, inputs: mx.array, cache=None, input_embeddings=None,
-                     max_tokens: int = 32) -> mx.array | None:
+def fused_stack_call(inner, inputs: mx.array, cache, input_embeddings,
+                     max_tokens: int) -> mx.array | None:
     """The decoder stack's output (final norm included) for `inputs`, every block through one
     decode_stack call, or None when a block or cache is not one it takes (the caller then runs
     the model's own loop, whose blocks still fuse one by one where they can). Only the plain
