@@ -215,15 +215,14 @@ def fused_stack_call(inner, inputs: mx.array, cache, input_embeddings,
             or getattr(inner, "swa_idx", None) is not None
             or getattr(inner, "pipeline_size", 1) != 1 or kernels.decode_stack is None):
         return None
-    h = inner.embed_tokens(inputs)
-    mask = create_attention_mask(h, cache[0])
-    if not decodes_fused(h, mask, cache[0], max_tokens):
+    # A prompt (more tokens than the ops take) leaves before anything is built for it.
+    if inputs.ndim != 2 or inputs.size > max_tokens:
         return None
-    tokens, args = h.shape[1], []
+    tokens, args = inputs.shape[1], []
     for block, c in zip(layers, cache):
         plan = _plan_for(block) if hasattr(type(block), "_mlxtune_fused") else None
         room = _room(c, tokens) if plan is not None else None
-        adapters = plan.adapters(h.shape[0]) if room is not None else None
+        adapters = plan.adapters(inputs.shape[0]) if room is not None else None
         if adapters is None:
             return None
         args.append((block, plan, room, adapters))
@@ -232,6 +231,10 @@ def fused_stack_call(inner, inputs: mx.array, cache, input_embeddings,
     # advanced offset every BatchKVCache after (not 30 additions a step).
     kinds, starts = {type(c) for c in cache}, {room[2] for _, _, room, _ in args}
     if len(kinds) != 1 or len(starts) != 1:
+        return None
+    h = inner.embed_tokens(inputs)
+    mask = create_attention_mask(h, cache[0])
+    if not decodes_fused(h, mask, cache[0], max_tokens):
         return None
     offset = _offset(cache[0])
     columns = [[] for _ in range(14)]
@@ -245,8 +248,8 @@ def fused_stack_call(inner, inputs: mx.array, cache, input_embeddings,
     params, norms_in, norms_post, weights, extras, keys, values, prev, *lora = columns
     norms = [w for pair in zip(norms_in, norms_post) for w in pair]
     causal = isinstance(mask, str)
-    out = kernels.decode_stack(h, params, norms, weights, [offset] * len(layers), extras, keys,
-                               values, prev, None if causal else mask, causal, *lora)
+    out = kernels.decode_stack(h, params, norms, weights, offset, extras, keys, values, prev,
+                               None if causal else mask, causal, *lora)
     n = len(layers)
     advanced = offset + tokens if BatchKVCache in kinds else None
     for i, c in enumerate(cache):

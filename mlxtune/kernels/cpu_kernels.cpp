@@ -428,12 +428,10 @@ NB_MODULE(_cpu_kernels, m) {
          const mx::array& values, int prev, const std::optional<mx::array>& mask, bool causal,
          const std::vector<mx::array>& lora_qkv, const std::vector<mx::array>& lora_out,
          int qkv_mask, int out_mask, bool lora_rows, bool lora_scales, mx::StreamOrDevice s) {
-        mlxtune::BlockParams p = params;
-        p.out.causal = causal;
-        p.qkv.lora = {qkv_mask, qkv_mask != 0 && lora_rows, qkv_mask != 0 && lora_scales};
-        p.out.lora = {out_mask, out_mask != 0 && lora_rows, out_mask != 0 && lora_scales};
-        return mlxtune::decode_block(x, p, norm_in, norm_post, weights, offset, extras, keys,
-                                     values, prev, mask, lora_qkv, lora_out, s);
+        return mlxtune::decode_block(
+            x, mlxtune::block_call(params, causal, qkv_mask, out_mask, lora_rows, lora_scales),
+            norm_in, norm_post, weights, offset, extras, keys, values, prev, mask, lora_qkv,
+            lora_out, s);
       },
       "params"_a, "x"_a, "norm_in"_a, "norm_post"_a, "weights"_a, "offset"_a, "extras"_a,
       "keys"_a, "values"_a, "prev"_a, "mask"_a.none(), "causal"_a,
@@ -449,7 +447,7 @@ NB_MODULE(_cpu_kernels, m) {
       "decode_stack",
       [](const mx::array& x, const std::vector<mlxtune::BlockParams>& params,
          const std::vector<mx::array>& norms, const std::vector<std::vector<mx::array>>& weights,
-         const std::vector<mx::array>& offsets,
+         const mx::array& offset,
          const std::vector<std::vector<mx::array>>& extras, const std::vector<mx::array>& keys,
          const std::vector<mx::array>& values, const std::vector<int>& prev,
          const std::optional<mx::array>& mask, bool causal,
@@ -458,15 +456,16 @@ NB_MODULE(_cpu_kernels, m) {
          const std::vector<int>& out_masks, const std::vector<int>& lora_rows,
          const std::vector<int>& lora_scales, mx::StreamOrDevice s) {
         return mlxtune::decode_stack(
-            x, params, norms, weights, offsets, extras, keys, values, prev, mask, causal,
+            x, params, norms, weights, offset, extras, keys, values, prev, mask, causal,
             {lora_qkv, lora_out, qkv_masks, out_masks, lora_rows, lora_scales}, s);
       },
-      "x"_a, "params"_a, "norms"_a, "weights"_a, "offsets"_a, "extras"_a, "keys"_a, "values"_a,
+      "x"_a, "params"_a, "norms"_a, "weights"_a, "offset"_a, "extras"_a, "keys"_a, "values"_a,
       "prev"_a, "mask"_a.none(), "causal"_a, "lora_qkv"_a, "lora_out"_a, "qkv_masks"_a,
       "out_masks"_a, "lora_rows"_a, "lora_scales"_a, nb::kw_only(), "stream"_a = nb::none(),
       "Every block of a decoder stack through decode_block in one call: per layer its params, "
-      "two norm weights (input, post-attention), weights, offset, extras, KV buffers, prev and "
-      "adapter inputs. Returns [h, keys buffers..., values buffers...].");
+      "two norm weights (input, post-attention), weights, extras, KV buffers, prev and adapter "
+      "inputs; one RoPE offset and mask for all. Returns [h, keys buffers..., values "
+      "buffers...].");
   m.def("matmul_isa", &mlxtune::matmul_isa, "The instruction set quantized_matmul uses.");
   m.def("set_matmul_isa", &mlxtune::set_matmul_isa, "isa"_a,
         "Use another instruction set the CPU has (avx512, avx2, baseline); returns the previous.");

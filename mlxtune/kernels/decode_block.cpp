@@ -401,6 +401,15 @@ mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& ke
   return mx::array(x.shape(), mx::float32, std::make_shared<DecodeOut>(stream, p), inputs);
 }
 
+BlockParams block_call(const BlockParams& params, bool causal, int qkv_mask, int out_mask,
+                       bool rows, bool scales) {
+  BlockParams p = params;
+  p.out.causal = causal;
+  p.qkv.lora = {qkv_mask, qkv_mask != 0 && rows, qkv_mask != 0 && scales};
+  p.out.lora = {out_mask, out_mask != 0 && rows, out_mask != 0 && scales};
+  return p;
+}
+
 std::vector<mx::array> decode_block(const mx::array& x, const BlockParams& p,
                                     const mx::array& norm_in, const mx::array& norm_post,
                                     const std::vector<mx::array>& weights,
@@ -439,7 +448,7 @@ std::vector<mx::array> decode_block(const mx::array& x, const BlockParams& p,
 std::vector<mx::array> decode_stack(const mx::array& x, const std::vector<BlockParams>& params,
                                     const std::vector<mx::array>& norms,
                                     const std::vector<std::vector<mx::array>>& weights,
-                                    const std::vector<mx::array>& offsets,
+                                    const mx::array& offset,
                                     const std::vector<std::vector<mx::array>>& extras,
                                     const std::vector<mx::array>& keys,
                                     const std::vector<mx::array>& values,
@@ -447,7 +456,7 @@ std::vector<mx::array> decode_stack(const mx::array& x, const std::vector<BlockP
                                     const std::optional<mx::array>& mask, bool causal,
                                     const StackAdapters& adapters, mx::StreamOrDevice s) {
   const size_t n = params.size();
-  for (size_t count : {norms.size() / 2, weights.size(), offsets.size(), extras.size(),
+  for (size_t count : {norms.size() / 2, weights.size(), extras.size(),
                        keys.size(), values.size(), prev.size(), adapters.qkv.size(),
                        adapters.out.size(), adapters.qkv_masks.size(),
                        adapters.out_masks.size(), adapters.rows.size(), adapters.scales.size()}) {
@@ -459,12 +468,10 @@ std::vector<mx::array> decode_stack(const mx::array& x, const std::vector<BlockP
   mx::array h = x;
   std::vector<mx::array> out(2 * n + 1, x);
   for (size_t i = 0; i < n; ++i) {
-    BlockParams p = params[i];
-    const int qm = adapters.qkv_masks[i], om = adapters.out_masks[i];
-    p.out.causal = causal;
-    p.qkv.lora = {qm, qm != 0 && adapters.rows[i] != 0, qm != 0 && adapters.scales[i] != 0};
-    p.out.lora = {om, om != 0 && adapters.rows[i] != 0, om != 0 && adapters.scales[i] != 0};
-    auto block = decode_block(h, p, norms[2 * i], norms[2 * i + 1], weights[i], offsets[i],
+    const BlockParams p = block_call(params[i], causal, adapters.qkv_masks[i],
+                                     adapters.out_masks[i], adapters.rows[i] != 0,
+                                     adapters.scales[i] != 0);
+    auto block = decode_block(h, p, norms[2 * i], norms[2 * i + 1], weights[i], offset,
                               extras[i], keys[i], values[i], prev[i], mask, adapters.qkv[i],
                               adapters.out[i], s);
     h = block[0];

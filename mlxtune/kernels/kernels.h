@@ -187,6 +187,11 @@ struct BlockParams {
   OutParams out;
 };
 
+// `p` for one call: its attention causal or not, and each half's adapter spec (the rows' slots
+// and scales come with a half's arrays only when that half has a pair: mask != 0).
+BlockParams block_call(const BlockParams& p, bool causal, int qkv_mask, int out_mask, bool rows,
+                       bool scales);
+
 // A whole block's decode step in one call: decode_qkv, then k and v written at [prev, prev + L)
 // of the KV cache's buffers (slice_update, as mlx-lm's KVCache writes them), then decode_out
 // over positions [0, prev + L). Per block, a decode step's Python work had been two calls and
@@ -205,8 +210,9 @@ std::vector<mx::array> decode_block(const mx::array& x, const BlockParams& p,
 
 // Every block of a decoder stack through decode_block in one call (a decode step's Python work
 // was ~15 us a block): layer i takes params[i], norms[2i] (input) and norms[2i + 1] (post-
-// attention), weights[i], offsets[i], extras[i], keys[i], values[i], prev[i] and its adapter
-// arrays; the mask is the stack's. Returns [h, keys buffers..., values buffers...].
+// attention), weights[i], extras[i], keys[i], values[i], prev[i] and its adapter arrays; the
+// RoPE offset and the mask are the stack's (every layer's cache holds the same positions).
+// Returns [h, keys buffers..., values buffers...].
 struct StackAdapters {
   std::vector<std::vector<mx::array>> qkv, out;  // per layer (empty lists: none)
   std::vector<int> qkv_masks, out_masks;
@@ -215,7 +221,7 @@ struct StackAdapters {
 std::vector<mx::array> decode_stack(const mx::array& x, const std::vector<BlockParams>& params,
                                     const std::vector<mx::array>& norms,
                                     const std::vector<std::vector<mx::array>>& weights,
-                                    const std::vector<mx::array>& offsets,
+                                    const mx::array& offset,
                                     const std::vector<std::vector<mx::array>>& extras,
                                     const std::vector<mx::array>& keys,
                                     const std::vector<mx::array>& values,
