@@ -66,17 +66,23 @@ class _Count:
         return counted
 
 
-def _decode(model, prompt: list[int], steps: int):
-    """Logits of the prompt's last position and of `steps` greedy decode steps."""
+def _decode_rows(model, prompts: list[list[int]], steps: int):
+    """Logits of the last position of each of a batch of equal-length prompts, and of `steps`
+    greedy decode steps."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    logits = model(mx.array([prompt]), cache=cache)[:, -1]
+    logits = model(mx.array(prompts), cache=cache)[:, -1]
     out = [logits]
     for _ in range(steps):
         logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
         out.append(logits)
     return mx.stack(out)
+
+
+def _decode(model, prompt: list[int], steps: int):
+    """_decode_rows for one prompt."""
+    return _decode_rows(model, [prompt], steps)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -172,19 +178,6 @@ def test_batched_decode_with_padding_masks(monkeypatch):
     count = _Count(monkeypatch)
     assert greedy() == want
     assert count.calls >= 2 * 5  # the decode steps at least
-
-
-def _decode_rows(model, prompts: list[list[int]], steps: int):
-    """_decode for a batch of equal-length prompts."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    logits = model(mx.array(prompts), cache=cache)[:, -1]
-    out = [logits]
-    for _ in range(steps):
-        logits = model(mx.argmax(logits, axis=-1)[:, None], cache=cache)[:, -1]
-        out.append(logits)
-    return mx.stack(out)
 
 
 @pytest.mark.parametrize("dora", [False, True])
