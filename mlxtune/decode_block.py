@@ -8,11 +8,13 @@ than the arithmetic. The fused block computes the same formulas with the same ro
 one-op kernels, so its numbers equal theirs to float rounding (tests/test_decode_block.py).
 
 A decode step's Python work was then ~23 us a block (two op calls, mlx-lm's update_and_fetch,
-the plan's checks) against ~10 ms of arithmetic for the whole model: the plain stack of the
-STANDARD architectures now goes through one `kernels.decode_stack` call a step, which builds
-every block's ops and KV writes in C++ (`decode_block`: decode_qkv, the writes into mlx-lm's
-own KVCache / BatchKVCache buffers as update_and_fetch makes them, decode_out). Where the
-stack call does not apply, each block still runs decode_block when its cache is one of those two
+the plan's checks) against ~10 ms of arithmetic for the whole model, and building and scheduling
+a step's ~120 ops cost ~1 ms more: the plain stack of the STANDARD architectures now runs as one
+`kernels.decode_stack` op a step, every block's decode_qkv, KV write and decode_out inside it.
+It writes mlx-lm's own KVCache / BatchKVCache buffers where update_and_fetch would, in place
+when nothing else holds a buffer (MLX's donation) and into a copy when something does, and the
+stack's weights are gathered once (`kernels.stack_weights`, remade when a plan is). Where the
+stack op does not apply, each block still runs decode_block when its cache is one of those two
 with room, else the two ops with the cache's own update_and_fetch between them (a cache of
 another kind, or buffers that must grow first).
 
@@ -29,6 +31,7 @@ runs mlx-lm's block unchanged.
 from __future__ import annotations
 
 from functools import lru_cache
+from operator import getitem, is_
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -115,11 +118,17 @@ class _Plan:
                                            out_specs=self.out_specs)
         # No module wraps a layer (no slot, no LoRALinear): never an adapter delta to gather.
         self.plain = all(isinstance(m, nn.QuantizedLinear) for m in modules)
+        norms = [block.input_layernorm, block.post_attention_layernorm]
+        self.norms = [n.weight for n in norms]
+        self.extras = [layer["bias"] for layer in layers[:3]] if self.has_bias else []
+        self.extras += [n.weight for n in self.qk_norms]
+        self.parents, self.keys, self.children = zip(*_watch(block, modules, layers,
+                                                             norms + self.qk_norms))
 
     def swapped(self, block) -> bool:
-        """Whether a module of the block is no longer the one planned for (dict lookups: a
-        decode step asks this of every block)."""
-        return not all(block[a][b] is m for (a, b), m in zip(PROJECTIONS, self.modules))
+        """Whether a module or array of the block is no longer the one planned for (~40 dict
+        lookups, a decode step asks this of every block: in C, through map)."""
+        return not all(map(is_, map(getitem, self.parents, self.keys), self.children))
 
     def adapters(self, batch: int) -> tuple | None:
         """This call's adapter inputs: (decode_qkv's arrays, decode_out's arrays, the q/k/v
@@ -155,6 +164,25 @@ class _Plan:
 
 
 NO_ADAPTERS = ([], [], 0, 0, False, False)
+
+
+def _watch(block, modules: list, layers: list, norms: list) -> list:
+    """(parent, key, child) for every module and array a plan reads from the block: when one
+    is replaced (an adapter loaded, weights updated), the plan and the stack's gathered weights
+    are made again."""
+    attn, mlp = block["self_attn"], block["mlp"]
+    watch = [(block, "self_attn", attn), (block, "mlp", mlp),
+             (block, "input_layernorm", norms[0]), (block, "post_attention_layernorm", norms[1])]
+    watch += [(attn, name, norm) for name, norm in zip(("q_norm", "k_norm"), norms[2:])]
+    watch += [(n, "weight", n["weight"]) for n in norms]
+    for (a, b), module, layer in zip(PROJECTIONS, modules, layers):
+        watch.append((block[a], b, module))
+        while module is not layer:  # a slot's or LoRALinear's wrapped layer
+            watch.append((module, "linear", module["linear"]))
+            module = module["linear"]
+        watch += [(layer, key, layer[key]) for key in ("weight", "scales", "biases", "bias")
+                  if key in layer]
+    return watch
 
 
 def _make_plan(block) -> _Plan | None:
@@ -205,8 +233,8 @@ def _offset(cache) -> mx.array:
 
 def fused_stack_call(inner, inputs: mx.array, cache, input_embeddings,
                      max_tokens: int) -> mx.array | None:
-    """The decoder stack's output (final norm included) for `inputs`, every block through one
-    decode_stack call, or None when a block or cache is not one it takes (the caller then runs
+    """The decoder stack's output (final norm included) for `inputs`, every block in one
+    decode_stack op, or None when a block or cache is not one it takes (the caller then runs
     the model's own loop, whose blocks still fuse one by one where they can). Only the plain
     stack of the STANDARD architectures: no input embeddings, no sliding-window layers, no
     pipeline split, and mlx-lm's KVCache or BatchKVCache with room in every layer."""
@@ -218,18 +246,20 @@ def fused_stack_call(inner, inputs: mx.array, cache, input_embeddings,
     # A prompt (more tokens than the ops take) leaves before anything is built for it.
     if inputs.ndim != 2 or inputs.size > max_tokens:
         return None
-    tokens, args = inputs.shape[1], []
+    tokens, plans, rooms, adapters = inputs.shape[1], [], [], []
     for block, c in zip(layers, cache):
         plan = _plan_for(block) if hasattr(type(block), "_mlxtune_fused") else None
         room = _room(c, tokens) if plan is not None else None
-        adapters = plan.adapters(inputs.shape[0]) if room is not None else None
-        if adapters is None:
+        adapter = plan.adapters(inputs.shape[0]) if room is not None else None
+        if adapter is None:
             return None
-        args.append((block, plan, room, adapters))
+        plans.append(plan)
+        rooms.append(room)
+        adapters.append(adapter)
     # Every layer's cache holds the same positions (mlx-lm's models take all layers' attention
     # mask from cache[0] on that ground): one offset array serves every layer's RoPE, and one
     # advanced offset every BatchKVCache after (not 30 additions a step).
-    kinds, starts = {type(c) for c in cache}, {room[2] for _, _, room, _ in args}
+    kinds, starts = {type(c) for c in cache}, {room[2] for room in rooms}
     if len(kinds) != 1 or len(starts) != 1:
         return None
     h = inner.embed_tokens(inputs)
@@ -237,24 +267,29 @@ def fused_stack_call(inner, inputs: mx.array, cache, input_embeddings,
     if not decodes_fused(h, mask, cache[0], max_tokens):
         return None
     offset = _offset(cache[0])
-    columns = [[] for _ in range(14)]
-    for block, plan, (keys, values, prev), adapters in args:
-        extras = [layer["bias"] for layer in plan.layers[:3]] if plan.has_bias else []
-        row = (plan.params, block.input_layernorm.weight, block.post_attention_layernorm.weight,
-               plan.weights(), extras + [n.weight for n in plan.qk_norms], keys, values, prev,
-               *adapters)
-        for column, value in zip(columns, row):
-            column.append(value)
-    params, norms_in, norms_post, weights, extras, keys, values, prev, *lora = columns
-    norms = [w for pair in zip(norms_in, norms_post) for w in pair]
     causal = isinstance(mask, str)
-    out = kernels.decode_stack(h, params, norms, weights, offset, extras, keys, values, prev,
-                               None if causal else mask, causal, *lora)
+    lora = [list(column) for column in zip(*adapters)]
+    out = kernels.decode_stack(h, _stack_weights(inner, plans), offset,
+                               [room[0] for room in rooms], [room[1] for room in rooms],
+                               starts.pop(), None if causal else mask, causal, *lora)
     n = len(layers)
     advanced = offset + tokens if BatchKVCache in kinds else None
     for i, c in enumerate(cache):
         _advance(c, out[1 + i], out[1 + n + i], tokens, advanced)
     return inner.norm(out[0])
+
+
+def _stack_weights(inner, plans: list) -> object:
+    """The stack's weights and settings for decode_stack, gathered once for these plans (a
+    replaced module or array makes a new plan, and so new stack weights)."""
+    cached = inner.__dict__.get("_mlxtune_stack")
+    if cached is not None and len(cached[0]) == len(plans) \
+            and all(a is b for a, b in zip(cached[0], plans)):
+        return cached[1]
+    stack = kernels.stack_weights([p.params for p in plans], [w for p in plans for w in p.norms],
+                                  [p.weights() for p in plans], [p.extras for p in plans])
+    object.__setattr__(inner, "_mlxtune_stack", (tuple(plans), stack))  # not a child module
+    return stack
 
 
 def fused_block_call(block, x: mx.array, mask, cache, max_tokens: int) -> mx.array | None:
@@ -268,13 +303,11 @@ def fused_block_call(block, x: mx.array, mask, cache, max_tokens: int) -> mx.arr
     adapters = plan.adapters(x.shape[0])
     if adapters is None:
         return None
-    extras = [layer["bias"] for layer in plan.layers[:3]] if plan.has_bias else []
-    extras += [n.weight for n in plan.qk_norms]
+    extras, (norm_in, norm_post) = plan.extras, plan.norms
     offset = _offset(cache)
     weights = plan.weights()
     causal = isinstance(mask, str)
     mask = None if causal else mask
-    norm_in, norm_post = block.input_layernorm.weight, block.post_attention_layernorm.weight
     room = _room(cache, x.shape[1])
     if room is not None:
         h, keys, values = kernels.decode_block(plan.params, x, norm_in, norm_post, weights,

@@ -9,6 +9,7 @@ from collections import Counter
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
@@ -59,7 +60,7 @@ class _Count:
 
     def _counted(self, real, name: str):
         def counted(*args, **kwargs):
-            self.calls += len(args[1]) if name == "decode_stack" else 1
+            self.calls += len(args[3]) if name == "decode_stack" else 1  # one a layer's keys
             self.by_op[name] += 1
             return real(*args, **kwargs)
 
@@ -131,6 +132,74 @@ def test_decoding_across_a_kv_buffer_growth_equals_the_one_op_path(monkeypatch):
     # steps, the one at position 256 goes block by block, the other 11 as stacks.
     assert count.by_op == {"decode_out": 2, "decode_stack": 11}
     assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), mx.abs(got - want).max().item()
+
+
+def _address(a: mx.array) -> int:
+    return np.frombuffer(memoryview(a), dtype=np.uint8).__array_interface__["data"][0]
+
+
+def test_a_stack_step_writes_kv_in_place_unless_another_holder_keeps_the_buffer(monkeypatch):
+    """decode_stack writes a step's positions into the KV buffers themselves, as MLX donates an
+    input nothing else holds (a whole-buffer copy a layer a step otherwise); a buffer that
+    something else still holds (a snapshot, a lazy slice) is copied first and stays as it was."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = _model("llama")
+    count = _Count(monkeypatch)
+    cache = make_prompt_cache(model)
+
+    def step(y):
+        y = mx.argmax(model(y, cache=cache)[:, -1:], axis=-1)
+        mx.eval(y)
+        return y
+
+    y = step(step(step(mx.array([[3, 17, 42]]))))
+    before = _address(cache[0].keys)
+    y = step(y)
+    assert _address(cache[0].keys) == before
+    held, at = cache[1].values, cache[1].offset
+    kept = np.array(held)
+    step(y)
+    assert np.array_equal(np.array(held), kept)
+    assert _address(cache[1].values) != _address(held)
+    assert not np.array_equal(np.array(cache[1].values)[..., at, :], kept[..., at, :])
+    assert count.by_op["decode_stack"] == 4
+
+
+_LAST_HOLDER = """
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+from tests.test_decode_block import _model
+
+model = _model("llama")
+cache = make_prompt_cache(model)
+y = mx.array([[3, 17, 42]])
+for _ in range(2):
+    y = mx.argmax(model(y, cache=cache)[:, -1:], axis=-1)
+    mx.eval(y)
+for _ in range(40):  # queued, not yet run: each step's op holds the stack's weights
+    y = mx.argmax(model(y, cache=cache)[:, -1:], axis=-1)
+mx.async_eval(y)
+del model.model.__dict__["_mlxtune_stack"]  # Python's reference goes: the ops hold the last
+mx.clear_cache()  # waits for MLX's CPU stream with the GIL held
+print("done")
+"""
+
+
+def test_the_last_holder_of_the_stack_weights_can_be_an_op_in_flight():
+    """The stack's gathered weights outlive Python's reference while queued steps run: their
+    release on MLX's CPU stream must not need the GIL (serve's generation thread holds it while
+    mx.clear_cache waits for that stream: it hung)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _LAST_HOLDER], capture_output=True,
+                              text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+        pytest.fail("a step's release of the stack's weights waited for the GIL: deadlock")
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
 
 
 def test_fused_block_equals_one_op_path_on_every_instruction_set(monkeypatch):

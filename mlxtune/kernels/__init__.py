@@ -10,8 +10,8 @@
 - `rms_norm`, `rope`, `attention`, `swiglu`: MLX's fast ops as one op each for generation;
 - `decode_qkv`, `decode_out`: a whole decoder block as two ops when decoding (decode_block.py):
   a token of SmolLM2-135M is ~200 MLX ops instead of ~750; `decode_block` (with
-  `block_params`): both, and the KV cache's write between them, in one call; `decode_stack`:
-  every block of the model in one call.
+  `block_params`): both, and the KV cache's write between them, in one call; `decode_stack`
+  (with `stack_weights`): every block of the model as one op.
 
 Each is None when MLXTUNE_CPU_KERNELS=0, when the extension is not built, was built against
 another MLX, or cannot exchange arrays with this MLX: cpu_math then uses MLX's own ops (slower).
@@ -35,7 +35,8 @@ _REASON = "not built (run ./scripts/setup.sh, or python -m mlxtune.kernels.build
 
 # What this package's Python side calls: a module built from older sources lacks some of them.
 KERNELS = ("dequantize", "softmax_parts", "quantized_matmul", "rms_norm", "rope", "attention",
-           "swiglu", "decode_qkv", "decode_out", "block_params", "decode_block", "decode_stack")
+           "swiglu", "decode_qkv", "decode_out", "block_params", "decode_block", "stack_weights",
+           "decode_stack")
 
 
 def _usable(module) -> bool:
@@ -71,6 +72,7 @@ decode_qkv = _cpu_kernels.decode_qkv if _OK else None
 decode_out = _cpu_kernels.decode_out if _OK else None
 block_params = _cpu_kernels.block_params if _OK else None
 decode_block = _cpu_kernels.decode_block if _OK else None
+stack_weights = _cpu_kernels.stack_weights if _OK else None
 decode_stack = _cpu_kernels.decode_stack if _OK else None
 
 

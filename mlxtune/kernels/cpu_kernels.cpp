@@ -38,6 +38,11 @@ namespace nb = nanobind;
 using namespace nb::literals;
 using mlxtune::parallel_rows;
 
+// What Python holds of stack_weights' result (see the binding).
+struct StackHandle {
+  std::shared_ptr<const mlxtune::StackWeights> weights;
+};
+
 namespace {
 
 using mlxtune::fast_exp;
@@ -443,29 +448,43 @@ NB_MODULE(_cpu_kernels, m) {
       "decode_out over [0, prev + L). weights: q, k, v, o, gate, up, down triples; adapter "
       "arrays per half as the two ops take them, with each half's projection mask. Returns "
       "[h, keys buffer, values buffer].");
+  // Python holds the stack's weights through a handle: a shared_ptr that nanobind made would
+  // release its Python object (taking the GIL) wherever its last C++ holder went, and the last
+  // holder can be a decode_stack task on MLX's CPU stream while the GIL's holder waits for that
+  // stream (mx.synchronize): a deadlock.
+  nb::class_<StackHandle>(m, "StackWeights",
+                          "A decoder stack's weights and settings for decode_stack "
+                          "(stack_weights).");
+  m.def(
+      "stack_weights",
+      [](const std::vector<mlxtune::BlockParams>& params, const std::vector<mx::array>& norms,
+         const std::vector<std::vector<mx::array>>& weights,
+         const std::vector<std::vector<mx::array>>& extras) {
+        return StackHandle{mlxtune::stack_weights(params, norms, weights, extras)};
+      },
+      "params"_a, "norms"_a, "weights"_a, "extras"_a,
+      "A decoder stack's weights for decode_stack, gathered once: per layer its block_params, "
+      "two norm weights (input, post-attention), 21 weight arrays (q, k, v, o, gate, up, down "
+      "triples) and extras (q/k/v biases, q/k norms' weights).");
   m.def(
       "decode_stack",
-      [](const mx::array& x, const std::vector<mlxtune::BlockParams>& params,
-         const std::vector<mx::array>& norms, const std::vector<std::vector<mx::array>>& weights,
-         const mx::array& offset,
-         const std::vector<std::vector<mx::array>>& extras, const std::vector<mx::array>& keys,
-         const std::vector<mx::array>& values, const std::vector<int>& prev,
-         const std::optional<mx::array>& mask, bool causal,
-         const std::vector<std::vector<mx::array>>& lora_qkv,
+      [](const mx::array& x, const StackHandle& stack, const mx::array& offset, const std::vector<mx::array>& keys,
+         const std::vector<mx::array>& values, int prev, const std::optional<mx::array>& mask,
+         bool causal, const std::vector<std::vector<mx::array>>& lora_qkv,
          const std::vector<std::vector<mx::array>>& lora_out, const std::vector<int>& qkv_masks,
          const std::vector<int>& out_masks, const std::vector<int>& lora_rows,
          const std::vector<int>& lora_scales, mx::StreamOrDevice s) {
         return mlxtune::decode_stack(
-            x, params, norms, weights, offset, extras, keys, values, prev, mask, causal,
+            x, stack.weights, offset, keys, values, prev, mask, causal,
             {lora_qkv, lora_out, qkv_masks, out_masks, lora_rows, lora_scales}, s);
       },
-      "x"_a, "params"_a, "norms"_a, "weights"_a, "offset"_a, "extras"_a, "keys"_a, "values"_a,
-      "prev"_a, "mask"_a.none(), "causal"_a, "lora_qkv"_a, "lora_out"_a, "qkv_masks"_a,
-      "out_masks"_a, "lora_rows"_a, "lora_scales"_a, nb::kw_only(), "stream"_a = nb::none(),
-      "Every block of a decoder stack through decode_block in one call: per layer its params, "
-      "two norm weights (input, post-attention), weights, extras, KV buffers, prev and adapter "
-      "inputs; one RoPE offset and mask for all. Returns [h, keys buffers..., values "
-      "buffers...].");
+      "x"_a, "stack"_a, "offset"_a, "keys"_a, "values"_a, "prev"_a, "mask"_a.none(), "causal"_a,
+      "lora_qkv"_a, "lora_out"_a, "qkv_masks"_a, "out_masks"_a, "lora_rows"_a, "lora_scales"_a,
+      nb::kw_only(), "stream"_a = nb::none(),
+      "Every block of a decoder stack as one op: per layer decode_qkv, k and v written into its "
+      "KV buffers at [prev, prev + L) (in place where nothing else holds them), decode_out; "
+      "one RoPE offset and mask for all, per layer adapter inputs. Returns [h, keys buffers..., "
+      "values buffers...].");
   m.def("matmul_isa", &mlxtune::matmul_isa, "The instruction set quantized_matmul uses.");
   m.def("set_matmul_isa", &mlxtune::set_matmul_isa, "isa"_a,
         "Use another instruction set the CPU has (avx512, avx2, baseline); returns the previous.");

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -185,6 +186,7 @@ mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& ke
 struct BlockParams {
   QkvParams qkv;
   OutParams out;
+  bool operator==(const BlockParams&) const = default;
 };
 
 // `p` for one call: its attention causal or not, and each half's adapter spec (the rows' slots
@@ -208,24 +210,39 @@ std::vector<mx::array> decode_block(const mx::array& x, const BlockParams& p,
                                     const std::vector<mx::array>& lora_out,
                                     mx::StreamOrDevice s = {});
 
-// Every block of a decoder stack through decode_block in one call (a decode step's Python work
-// was ~15 us a block): layer i takes params[i], norms[2i] (input) and norms[2i + 1] (post-
-// attention), weights[i], extras[i], keys[i], values[i], prev[i] and its adapter arrays; the
-// RoPE offset and the mask are the stack's (every layer's cache holds the same positions).
-// Returns [h, keys buffers..., values buffers...].
+// A decoder stack's weights and settings for decode_stack, gathered once (a step passes only
+// what changes: x, the positions, the KV buffers, the adapter rows). Per layer: its settings,
+// the input and post-attention norms' weights, the q/k/v triples, the o/gate/up/down triples
+// and the extras (q/k/v biases, q/k norms' weights, as the settings say).
+struct StackLayer {
+  BlockParams params;
+  std::vector<mx::array> norms, qkv, out, extras;
+};
+struct StackWeights {
+  std::vector<StackLayer> layers;
+};
+// norms: two a layer (input, post-attention); weights: 21 a layer (q, k, v, o, gate, up, down
+// triples). Evaluates any of them not yet evaluated (decode_stack reads them directly).
+std::shared_ptr<const StackWeights> stack_weights(
+    const std::vector<BlockParams>& params, const std::vector<mx::array>& norms,
+    const std::vector<std::vector<mx::array>>& weights,
+    const std::vector<std::vector<mx::array>>& extras);
+
+// Every block of a decoder stack in one op (a decode step of a small model had been ~120 ops,
+// each costing MLX its scheduling): for each layer decode_qkv, k and v written at
+// [prev, prev + L) of its KV buffers (keys[i], values[i]: (B, kv_heads, room, head_dim), as
+// mlx-lm's slice_update writes them, in place where nothing else holds a buffer, else into a
+// copy), decode_out over [0, prev + L). One RoPE offset and mask for all layers (every layer's
+// cache holds the same positions). Returns [h, keys buffers..., values buffers...].
 struct StackAdapters {
   std::vector<std::vector<mx::array>> qkv, out;  // per layer (empty lists: none)
   std::vector<int> qkv_masks, out_masks;
   std::vector<int> rows, scales;  // per layer: whether its arrays end with rows / scales
 };
-std::vector<mx::array> decode_stack(const mx::array& x, const std::vector<BlockParams>& params,
-                                    const std::vector<mx::array>& norms,
-                                    const std::vector<std::vector<mx::array>>& weights,
-                                    const mx::array& offset,
-                                    const std::vector<std::vector<mx::array>>& extras,
-                                    const std::vector<mx::array>& keys,
-                                    const std::vector<mx::array>& values,
-                                    const std::vector<int>& prev,
+std::vector<mx::array> decode_stack(const mx::array& x,
+                                    const std::shared_ptr<const StackWeights>& stack,
+                                    const mx::array& offset, const std::vector<mx::array>& keys,
+                                    const std::vector<mx::array>& values, int prev,
                                     const std::optional<mx::array>& mask, bool causal,
                                     const StackAdapters& adapters, mx::StreamOrDevice s = {});
 
