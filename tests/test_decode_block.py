@@ -140,8 +140,9 @@ def _address(a: mx.array) -> int:
 
 def test_a_stack_step_writes_kv_in_place_unless_another_holder_keeps_the_buffer(monkeypatch):
     """decode_stack writes a step's positions into the KV buffers themselves, as MLX donates an
-    input nothing else holds (a whole-buffer copy a layer a step otherwise); a buffer that
-    something else still holds (a snapshot, a lazy slice) is copied first and stays as it was."""
+    input nothing else holds (a whole-buffer copy a layer a step otherwise), also when the step
+    was queued behind a running one; a buffer that something else still holds (a snapshot, a
+    lazy slice) is copied first and stays as it was."""
     from mlx_lm.models.cache import make_prompt_cache
 
     model = _model("llama")
@@ -157,13 +158,18 @@ def test_a_stack_step_writes_kv_in_place_unless_another_holder_keeps_the_buffer(
     before = _address(cache[0].keys)
     y = step(y)
     assert _address(cache[0].keys) == before
+    # Steps queued behind one still running (as generation pipelines them): three at once.
+    for _ in range(3):
+        y = mx.argmax(model(y, cache=cache)[:, -1:], axis=-1)
+    mx.eval(y)
+    assert _address(cache[0].keys) == before
     held, at = cache[1].values, cache[1].offset
     kept = np.array(held)
     step(y)
     assert np.array_equal(np.array(held), kept)
     assert _address(cache[1].values) != _address(held)
     assert not np.array_equal(np.array(cache[1].values)[..., at, :], kept[..., at, :])
-    assert count.by_op["decode_stack"] == 4
+    assert count.by_op["decode_stack"] == 7
 
 
 _LAST_HOLDER = """
