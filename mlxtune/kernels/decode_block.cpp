@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <array>
+#include <initializer_list>
 #include <cstring>
 #include <stdexcept>
 
@@ -477,7 +478,7 @@ void check_x(const mx::array& x, const char* op) {
 
 // The adapter inputs checked against the spec and the projections' (in, out) sizes.
 void check_lora(const std::vector<mx::array>& lora, const LoraSpec& spec,
-                const std::vector<std::pair<int64_t, int64_t>>& dims, int64_t batch,
+                std::initializer_list<std::pair<int64_t, int64_t>> dims, int64_t batch,
                 const char* op) {
   size_t at = 0;
   auto fail = [op](const std::string& what) {
@@ -491,8 +492,8 @@ void check_lora(const std::vector<mx::array>& lora, const LoraSpec& spec,
     const bool stacked = a.ndim() == 3;
     if (a.ndim() != b.ndim() || (a.ndim() != 2 && !stacked) || a.dtype() != mx::float32 ||
         b.dtype() != mx::float32 || (stacked && a.shape(0) != b.shape(0)) ||
-        a.shape(-1) != b.shape(-2) || a.shape(-2) != dims[i].first ||
-        b.shape(-1) != dims[i].second) {
+        a.shape(-1) != b.shape(-2) || a.shape(-2) != dims.begin()[i].first ||
+        b.shape(-1) != dims.begin()[i].second) {
       fail("A ([slots,] in, rank) and B ([slots,] rank, out), float32, fitting the projection");
     }
   }
@@ -531,16 +532,18 @@ void check_qkv(const mx::array& x, const mx::array& norm, const std::vector<mx::
 }
 
 // decode_out's arguments checked, q by its shape (`op` names the caller in the message).
-void check_out(const mx::array& x, const mx::Shape& q, const mx::array& keys,
+void check_out(const mx::array& x, const std::array<int64_t, 4>& q, const mx::array& keys,
                const mx::array& values, const std::vector<mx::array>& weights,
                const mx::array& norm, const std::optional<mx::array>& mask, const OutParams& p,
                const std::vector<mx::array>& lora, const char* op) {
-  const std::string at = std::string("[mlxtune ") + op + "] ";
+  auto fail = [op](const char* what) {
+    throw std::invalid_argument(std::string("[mlxtune ") + op + "] " + what);
+  };
   check_x(x, op);
   check_weights(weights, 12, op);
   for (const auto* a : {&keys, &values}) {
     if (a->dtype() != mx::float32 || a->ndim() != 4) {
-      throw std::invalid_argument(at + "q, keys, values: float32 rank 4.");
+      fail("q, keys, values: float32 rank 4.");
     }
   }
   const int64_t D = x.shape(2), F = weights[3].shape(0);
@@ -550,13 +553,13 @@ void check_out(const mx::array& x, const mx::Shape& q, const mx::array& keys,
       in_width(weights, 3, p.spec[1], op) != D || in_width(weights, 6, p.spec[2], op) != D ||
       weights[6].shape(0) != F || in_width(weights, 9, p.spec[3], op) != F ||
       weights[9].shape(0) != D || norm.ndim() != 1 || norm.shape(0) != D) {
-    throw std::invalid_argument(at + "q, keys, values and the weights do not match.");
+    fail("q, keys, values and the weights do not match.");
   }
   if (p.kv_length > keys.shape(2)) {
-    throw std::invalid_argument(at + "kv_length beyond the keys.");
+    fail("kv_length beyond the keys.");
   }
   if (mask && (mask->ndim() > 4 || (mask->dtype() != mx::bool_ && mask->dtype() != mx::float32))) {
-    throw std::invalid_argument(at + "mask: bool or float32, at most 4-D.");
+    fail("mask: bool or float32, at most 4-D.");
   }
   check_lora(lora, p.lora, {{q[1] * q[3], D}, {D, F}, {D, F}, {F, D}}, x.shape(0), op);
 }
@@ -607,7 +610,8 @@ mx::array decode_out(const mx::array& x, const mx::array& q, const mx::array& ke
   if (q.dtype() != mx::float32 || q.ndim() != 4) {
     throw std::invalid_argument("[mlxtune decode_out] q, keys, values: float32 rank 4.");
   }
-  check_out(x, q.shape(), keys, values, weights, norm, mask, p, lora, "decode_out");
+  check_out(x, {q.shape(0), q.shape(1), q.shape(2), q.shape(3)}, keys, values, weights, norm,
+            mask, p, lora, "decode_out");
   std::vector<mx::array> inputs = {x, q, keys, values};
   inputs.insert(inputs.end(), weights.begin(), weights.begin() + 3);
   inputs.push_back(norm);
