@@ -287,10 +287,10 @@ class DecodeOut : public InferenceOnly {
   OutParams p_;
 };
 
-// Whether `buffer` can become an output in place (MLX's donation): nothing but this op holds
-// it and nothing else shares its memory. MLX's is_donatable() cannot say so for a multi-output
-// op (each output holds the op's inputs), so the holders are counted against `probe`, an
-// input this op alone holds.
+// A KV buffer can become its output in place (MLX's donation) when nothing but this op holds the
+// array and nothing else shares its memory. MLX's is_donatable() cannot say so for a
+// multi-output op (each output holds the op's inputs), so the array's holders are counted
+// against `probe`, an input this op alone holds.
 bool only_this_op_holds(const mx::array& buffer, const mx::array& probe) {
   // mx::array is one shared_ptr to its descriptor; its count is the number of holders.
   static_assert(sizeof(mx::array) == sizeof(std::shared_ptr<void>));
@@ -304,11 +304,12 @@ bool memory_unshared(const mx::array& buffer) {
   return buffer.data_shared_ptr().use_count() == 1 && buffer.data_shared_ptr()->is_owned();
 }
 
-// Every block of a decoder stack in one op (decode_stack). Inputs: x, a probe (only_this_op_holds),
-// then per layer decode_qkv's inputs and decode_out's, each laid out as that op takes them (x's
-// and q's places hold x: the stack chains the blocks in its own buffers). Outputs: h, every
-// layer's keys buffer, every layer's values buffer: the input buffers with this call's
-// positions [prev, prev + L) written, in place where nothing else holds them, else copies.
+// Every block of a decoder stack in one op (decode_stack): per layer decode_qkv's computation,
+// the new keys and values written at [prev, prev + L) of its buffers, decode_out's computation,
+// the blocks chained in the op's own buffers. The weights come from the stack (StackWeights);
+// the inputs are below (OFFSET, MASK, BUFFERS). Outputs: h, every layer's keys buffer, every
+// layer's values buffer: the input buffers with the new positions written, in place where only
+// this op holds them, else into copies.
 class DecodeStack : public InferenceOnly {
  public:
   // A call's settings: the stack, each layer's settings for this call, where each layer's
