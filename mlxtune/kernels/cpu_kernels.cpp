@@ -468,9 +468,10 @@ NB_MODULE(_cpu_kernels, m) {
       "triples) and extras (q/k/v biases, q/k norms' weights).");
   m.def(
       "decode_stack",
-      [](const mx::array& x, const StackHandle& stack, const mx::array& offset, const std::vector<mx::array>& keys,
-         const std::vector<mx::array>& values, int prev, const std::optional<mx::array>& mask,
-         bool causal, const std::vector<std::vector<mx::array>>& lora_qkv,
+      [](const mx::array& x, const StackHandle& stack, const mx::array& offset,
+         const std::vector<mx::array>& keys, const std::vector<mx::array>& values, int prev,
+         const std::optional<mx::array>& mask, bool causal,
+         const std::vector<std::vector<mx::array>>& lora_qkv,
          const std::vector<std::vector<mx::array>>& lora_out, const std::vector<int>& qkv_masks,
          const std::vector<int>& out_masks, const std::vector<int>& lora_rows,
          const std::vector<int>& lora_scales, mx::StreamOrDevice s) {

@@ -518,7 +518,8 @@ void check_qkv(const mx::array& x, const mx::array& norm, const std::vector<mx::
   check_weights(weights, 9, op);
   const size_t want = (p.has_bias ? 3 : 0) + (p.has_qk_norm ? 2 : 0);
   if (extras.size() != want || norm.ndim() != 1 || norm.shape(0) != x.shape(2) ||
-      offset.ndim() > 1 || (offset.size() != 1 && offset.size() != static_cast<size_t>(x.shape(0))) ||
+      offset.ndim() > 1 ||
+      (offset.size() != 1 && offset.size() != static_cast<size_t>(x.shape(0))) ||
       weights[0].shape(0) != p.heads * p.head_dim ||
       weights[3].shape(0) != p.kv_heads * p.head_dim ||
       weights[6].shape(0) != p.kv_heads * p.head_dim || p.rope_dims > p.head_dim ||
@@ -676,7 +677,8 @@ std::shared_ptr<const StackWeights> stack_weights(
         {params[i], {norms[2 * i], norms[2 * i + 1]},
          std::vector<mx::array>(weights[i].begin(), weights[i].begin() + 9),
          std::vector<mx::array>(weights[i].begin() + 9, weights[i].end()), extras[i]});
-    for (const auto* part : {&weights[i], &extras[i]}) all.insert(all.end(), part->begin(), part->end());
+    all.insert(all.end(), weights[i].begin(), weights[i].end());
+    all.insert(all.end(), extras[i].begin(), extras[i].end());
   }
   all.insert(all.end(), norms.begin(), norms.end());
   mx::eval(all);  // decode_stack reads them as data, not as graph inputs
