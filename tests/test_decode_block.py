@@ -134,6 +134,26 @@ def test_decoding_across_a_kv_buffer_growth_equals_the_one_op_path(monkeypatch):
     assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), mx.abs(got - want).max().item()
 
 
+def test_weights_replaced_after_decoding_are_read_by_the_stack(monkeypatch):
+    """The stack's weights are gathered once: arrays replaced under the same modules (as
+    model.update and load_weights do) remake the plan and the gathered weights, so the next
+    step reads the new ones."""
+    model = _model("llama")
+    prompt = [3, 17, 42]
+    before = _decode(model, prompt, 3)  # plans every block and gathers the stack's weights
+    other = _model("llama", seed=1)
+    model.update(tree_unflatten([(k, v) for k, v in tree_flatten(other.parameters())
+                                 if k.startswith("model.layers.1.mlp.")]))
+    with monkeypatch.context() as m:
+        _Count(m, off=True)
+        want = _decode(model, prompt, 3)
+    count = _Count(monkeypatch)
+    got = _decode(model, prompt, 3)
+    assert count.by_op["decode_stack"] == 3
+    assert not mx.allclose(want, before, atol=1e-3).item()  # the update did change the model
+    assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item(), mx.abs(got - want).max().item()
+
+
 def _address(a: mx.array) -> int:
     return np.frombuffer(memoryview(a), dtype=np.uint8).__array_interface__["data"][0]
 
