@@ -251,6 +251,15 @@ def _softmax_parts(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     return e, top, e.sum(axis=-1, keepdims=True)
 
 
+def logsumexp(x: mx.array) -> mx.array:
+    """log(sum(exp(x))) over the last axis, kept as size 1 (generation's log-probabilities, no
+    gradient): one vectorized pass in mlxtune's kernel for fp32 (0.69 -> 0.06 ms for SmolLM2's
+    49152 logits), MLX's logsumexp otherwise."""
+    if kernels.logsumexp is not None and x.dtype == mx.float32 and x.size > 0:
+        return kernels.logsumexp(x)
+    return mx.logsumexp(x, axis=-1, keepdims=True)
+
+
 def logit_chunks(rows: int, cols: int, tokens: int) -> list[tuple[int, int]]:
     """The vocabulary ranges linear_cross_entropy works through, one at a time, for `tokens`
     positions: row_chunks' for the weight, split further so a chunk's logits stay small."""

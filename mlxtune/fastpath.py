@@ -9,12 +9,15 @@ backend (the math is in cpu_math.py):
   fp32 copy waiting for the backward pass (13.5 GB instead of ~4 for a 7B-shaped model);
 - MLX's exp is scalar, so the SwiGLU MLPs and the attention softmax of the architectures in
   STANDARD use a vectorized one, and training computes the output projection and cross-entropy
-  in one pass (`token_losses`).
+  in one pass (`token_losses`); generation normalizes each step's logits with a vectorized
+  logsumexp (`use_fast_logsumexp`).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+import types
 from functools import lru_cache
 
 import mlx.core as mx
@@ -24,7 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxtune import kernels
 from mlxtune.decode_block import fused_block_call, fused_stack_call
 from mlxtune.cpu_math import (COMPUTE_DTYPE, attention, dequantize, dequantized_matmul,
-                              linear_cross_entropy, packed_matmul, swiglu)
+                              linear_cross_entropy, logsumexp, packed_matmul, swiglu)
 
 # mlx-lm architectures whose Model.__call__ is `head(self.model(inputs))` (head: `lm_head`, or the
 # embedding when tied), whose MLP class computes `down_proj(swiglu(gate_proj(x), up_proj(x)))`
@@ -292,6 +295,40 @@ def use_fast_attention(model: nn.Module) -> bool:
     return True
 
 
+class _GenerationMx(types.ModuleType):
+    """mlx.core as mlx_lm.generate sees it on the CPU path (use_fast_logsumexp): every name is
+    mlx.core's except logsumexp, which over the last axis of fp32 logits is mlxtune's kernel.
+    mlx-lm normalizes each decoding step's logits with it, and MLX's CPU loop for it is scalar:
+    0.69 of a ~7 ms SmolLM2 step, on the critical path of every token."""
+
+    def __getattr__(self, name):
+        return getattr(mx, name)
+
+    @staticmethod
+    def logsumexp(a, axis=None, keepdims=False, **kwargs):
+        """mx.logsumexp; the kernel for the calls mlx-lm makes (keepdims, over the last axis, or
+        over all axes of a single row)."""
+        if (isinstance(a, mx.array) and a.ndim > 0 and keepdims and not kwargs
+                and (axis in (-1, a.ndim - 1) or (axis is None and a.size == a.shape[-1]))
+                and mx.default_device() == mx.cpu):
+            return logsumexp(a)
+        return mx.logsumexp(a, axis=axis, keepdims=keepdims, **kwargs)
+
+
+def use_fast_logsumexp() -> bool:
+    """Point mlx_lm.generate (generate_step, BatchGenerator: their `mx` global) at
+    _GenerationMx, so each step's log-probabilities come from the vectorized logsumexp (equal
+    to MLX's to float rounding; tests/test_fastpath.py); False when the kernels are not built.
+    Only the CPU path calls this."""
+    if kernels.logsumexp is None:
+        return False
+    # The module, not the function mlx_lm's package exports under the same name.
+    generate = importlib.import_module("mlx_lm.generate")
+    if not isinstance(generate.mx, _GenerationMx):
+        generate.mx = _GenerationMx(__name__ + ".mx")
+    return True
+
+
 def fused_loss_model_type(model_type: str) -> bool:
     """Whether a model of this config.json `model_type` trains with the fused output loss on the
     CPU path (its head quantized, as the CPU path's models are)."""
@@ -377,6 +414,7 @@ def _prepare(model: nn.Module, backend: str | None, swaps: dict) -> nn.Module:
         # Training's SwiGLU has a custom gradient (~7 ops); generation's is one op.
         use_fast_mlps(model, inference=swaps is not _SWAPS)
         use_fast_attention(model)
-        if swaps is not _SWAPS:  # decoding: each block as two fused ops (no gradient)
+        if swaps is not _SWAPS:  # decoding: the fused blocks and log-probabilities (no gradient)
             use_fused_blocks(model)
+            use_fast_logsumexp()
     return model

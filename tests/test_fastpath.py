@@ -14,7 +14,7 @@ from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_model
 
-from mlxtune import fastpath
+from mlxtune import cpu_math, fastpath, kernels
 from mlxtune.fastpath import (DequantizedEmbedding, DequantizedLinear, InferenceEmbedding,
                               InferenceLinear, prepare_for_inference, prepare_for_training)
 
@@ -246,6 +246,55 @@ def test_batched_generation_equals_mlx_quantized_path(tiny_qmodel_dir):
     ours, _ = load_model(tiny_qmodel_dir)
     prepare_for_inference(ours, "cpu")
     assert greedy(ours) == greedy(_reference(tiny_qmodel_dir))
+
+
+@pytest.mark.skipif(kernels.logsumexp is None, reason=kernels.status())
+def test_generation_log_probabilities_come_from_the_kernel(tiny_qmodel_dir, monkeypatch):
+    """After prepare_for_inference on the CPU, mlx-lm's generation (BatchGenerator, serve's;
+    generate_step, eval's) normalizes each step's logits with the vectorized logsumexp: the same
+    tokens and log-probabilities as with MLX's own, to float rounding."""
+    import importlib
+
+    from mlx_lm.generate import BatchGenerator, generate_step
+
+    generate = importlib.import_module("mlx_lm.generate")
+    model, _ = load_model(tiny_qmodel_dir)
+    prepare_for_inference(model, "cpu")
+    assert isinstance(generate.mx, fastpath._GenerationMx)
+    calls = []
+    monkeypatch.setattr(fastpath, "logsumexp", lambda x: calls.append(x.shape) or
+                        cpu_math.logsumexp(x))
+
+    def batched():
+        gen = BatchGenerator(model, completion_batch_size=2, prefill_batch_size=2)
+        uids = gen.insert([[5, 9, 14, 2], [40, 41]], max_tokens=[5, 5])
+        out = {uid: [] for uid in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                out[r.uid].append((r.token, r.logprobs))
+        gen.close()
+        return [out[uid] for uid in uids]
+
+    def single():
+        steps = generate_step(mx.array([5, 9, 14, 2]), model, max_tokens=5)
+        return [[(int(token), logprobs) for token, logprobs in steps]]
+
+    for run in (batched, single):
+        calls.clear()
+        fast = run()
+        assert calls and all(shape[-1] == 1 or shape[-1] > 100 for shape in calls)
+        with monkeypatch.context() as stock:
+            stock.setattr(generate, "mx", mx)
+            want = run()
+        for got, ref in zip(fast, want, strict=True):
+            assert [t for t, _ in got] == [t for t, _ in ref]
+            for (_, a), (_, b) in zip(got, ref):
+                np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=2e-5)
+    # Other reductions are MLX's.
+    x = mx.random.normal((3, 7), key=mx.random.key(2))
+    for kwargs in ({"axis": 0, "keepdims": True}, {"axis": -1}, {}):
+        assert mx.allclose(generate.mx.logsumexp(x, **kwargs), mx.logsumexp(x, **kwargs)).item()
+    assert generate.mx.array is mx.array
 
 
 @pytest.mark.slow

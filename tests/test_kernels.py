@@ -110,6 +110,27 @@ def test_softmax_parts_equal_exp_max_sum(shape):
     assert 0 <= far[0, 1].item() < 1e-37 and far[0, 0].item() == 1.0
 
 
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 49152), (3, 5, 13), (4, 8), (2, 1)])
+def test_logsumexp_equals_mlx(shape):
+    x = mx.random.normal(shape, key=mx.random.key(5)) * 8
+    got = kernels.logsumexp(x)
+    assert got.shape == (*shape[:-1], 1)
+    assert mx.allclose(got, mx.logsumexp(x, axis=-1, keepdims=True), rtol=2e-6, atol=0).item()
+    assert mx.allclose(cpu_math.logsumexp(x), got).item()
+    # Masked logits (-inf, as constrained decoding sets them), rows that are all masked or hold
+    # an infinity: MLX's answers, never NaN.
+    inf = float("inf")
+    edge = mx.array([[0.5, -inf, 2.0, -inf] * 3, [-inf] * 12, [1.0] * 11 + [inf],
+                     [-1000.0] + [0.0] * 11])
+    assert mx.allclose(kernels.logsumexp(edge), mx.logsumexp(edge, axis=-1, keepdims=True),
+                       rtol=1e-6, atol=0).item()
+    with pytest.raises(RuntimeError, match="inference only"):
+        mx.grad(lambda v: kernels.logsumexp(v).sum())(x)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.logsumexp(x.astype(mx.float16))
+
+
 # ---- quantized_matmul: decoding's x @ dequantize(w).T, read from the packed weights ----
 
 def _isas():
@@ -271,4 +292,4 @@ def test_a_module_built_from_older_sources_is_refused_not_a_crash(monkeypatch):
     monkeypatch.setattr(kernels, "_REASON", kernels._REASON)
     old = types.SimpleNamespace(MLX_VERSION=mx.__version__, dequantize=None, softmax_parts=None)
     assert not kernels._usable(old)
-    assert kernels._REASON.startswith("built from older sources (no quantized_matmul, rms_norm")
+    assert kernels._REASON.startswith("built from older sources (no logsumexp, quantized_matmul")
