@@ -5,11 +5,14 @@
     .venv/bin/python scripts/bench_train.py --legs mlxtune,peft --rounds 3   # ~4 minutes
     .venv/bin/python scripts/bench_train.py --7b       # also: peak memory of a 7B-shaped step
     .venv/bin/python scripts/bench_train.py --legs mlxtune,peft --profile   # where time goes
+    .venv/bin/python scripts/bench_train.py --legs mlxtune,peft --masked    # a masked prompt
 
 Same job for every leg: the built-in 4-bit SmolLM2-135M, the same token batches (4 x 64,
 generated deterministically and tokenized once here), LoRA rank 8 on q_proj and v_proj of the
-last 8 layers, AdamW. Each leg runs in its own process so its peak memory is its own. PEFT needs
-the bench extra: `.venv/bin/pip install -e ".[bench]"`.
+last 8 layers, AdamW. `--masked` trains on the second half of each row only, as `mask_prompt`
+does with a prompt (mlxtune skips the head for the masked half; PEFT computes the logits of every
+token and ignores the masked ones). Each leg runs in its own process so its peak memory is its
+own. PEFT needs the bench extra: `.venv/bin/pip install -e ".[bench]"`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_profile  # noqa: E402  (scripts/, beside this file)
 
 BATCH, SEQ, RANK, LAYERS, KEYS, SCALE, LR = 4, 64, 8, 8, ["q_proj", "v_proj"], 20.0, 1e-5
+# The leading targets of each row that carry no loss (--masked sets SEQ // 2, in every process).
+PROMPT = 0
 _SUBJECTS = ["the sea", "a lighthouse", "bread", "a bicycle", "winter", "prime numbers", "bees",
              "the moon", "a library", "coffee", "rivers", "chess", "volcanoes", "a violin"]
 _ASKS = ["Write two sentences about {}.", "Explain {} to a child.", "Give three facts about {}.",
@@ -115,8 +120,9 @@ def leg_mlxtune(rows, warmup: int, cached: bool = False) -> dict:
     batches = [mx.array(rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)]
     if cached:
         batches = batches + batches
-    # The stock leg's loss counts every target token: the same with an all-ones mask.
-    stream = ((i, b[:, :-1], b[:, 1:], mx.ones(b[:, 1:].shape)) for i, b in enumerate(batches))
+    # The loss counts every target past the first PROMPT of a row (all of them by default).
+    mask = mx.broadcast_to((mx.arange(SEQ) >= PROMPT).astype(mx.float32), (BATCH, SEQ))
+    stream = ((i, b[:, :-1], b[:, 1:], mask) for i, b in enumerate(batches))
     if cached:
         from mlxtune.train.frozen_prefix import FrozenPrefix
 
@@ -169,7 +175,8 @@ def _mlx_leg(rows, warmup: int) -> dict:
         optimizer.update(model, grad)
         return loss
 
-    lengths = mx.array([[0, SEQ]] * BATCH)  # every target token counts
+    # Targets PROMPT + 1 .. SEQ count (mlx-lm numbers a row's targets from 1).
+    lengths = mx.array([[PROMPT + 1, SEQ]] * BATCH)
     batches = [mx.array(rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)]
     model.train()
     mx.reset_peak_memory()
@@ -204,8 +211,11 @@ def leg_peft(rows, warmup: int) -> dict:
     batches = [torch.tensor(rows[i:i + BATCH]) for i in range(0, len(rows), BATCH)]
 
     def run(batch):
-        # labels = inputs: transformers shifts them, so the same SEQ targets per row count.
-        loss = model(input_ids=batch, labels=batch).loss
+        # labels = inputs: transformers shifts them, so the same SEQ targets per row count, less
+        # the first PROMPT (-100: ignored).
+        labels = batch.clone()
+        labels[:, 1:PROMPT + 1] = -100
+        loss = model(input_ids=batch, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -300,7 +310,7 @@ def _run_leg(name: str, data: Path, warmup: int, profile: bool = False) -> dict 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "result.json"
         cmd = [sys.executable, __file__, "--leg", name, "--data", str(data),
-               "--warmup", str(warmup), "--result", str(out)]
+               "--warmup", str(warmup), "--result", str(out), *(["--masked"] if PROMPT else [])]
         env = _leg_env(name)
         if profile:
             cmd, env, perf_data = bench_profile.profiled(cmd, env, Path(scratch))
@@ -361,10 +371,14 @@ def main() -> int:
                    help="also one QLoRA step of a 7B-shaped llama at batch 1 x 512 (minutes)")
     p.add_argument("--profile", action="store_true",
                    help="also sample the timed steps with perf: where each leg's time goes")
+    p.add_argument("--masked", action="store_true",
+                   help="the loss on the second half of each row only (a masked prompt)")
     p.add_argument("--leg", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global PROMPT
+    PROMPT = SEQ // 2 if args.masked else 0
 
     if args.leg:  # inside one leg's process
         if args.leg == "7b":
@@ -405,8 +419,10 @@ def main() -> int:
     gflop, peaks = _step_gflop(), _blas_peaks(legs)
     print(f"\nQLoRA, built-in SmolLM2-135M 4-bit, batch {BATCH} x {SEQ}, rank {RANK}, "
           f"{'+'.join(KEYS)} of the last {LAYERS} layers, AdamW; {os.cpu_count()} cores, "
-          f"{chip_name()}")
-    print(f"one step is {gflop:.1f} GFLOP; BLAS peak (1024^3 fp32 matmul): " + ", ".join(
+          f"{chip_name()}"
+          + (f"; loss on the last {SEQ - PROMPT} of each row's {SEQ} targets" if PROMPT else ""))
+    print(f"one step is {gflop:.1f} GFLOP{' (all targets: GFLOP/s counts that)' if PROMPT else ''}"
+          f"; BLAS peak (1024^3 fp32 matmul): " + ", ".join(
         f"{k} {_fmt(v, '.0f')} GFLOP/s" for k, v in peaks.items()))
     print(f"{'leg':>16} {'tokens/s':>9} {'s/step':>8} {'GFLOP/s':>8} {'peak GB':>8} "
           f"{'max RSS GB':>10}  first losses"
