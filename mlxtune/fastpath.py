@@ -309,8 +309,7 @@ class _GenerationMx(types.ModuleType):
         """mx.logsumexp; the kernel for the calls mlx-lm makes (keepdims, over the last axis, or
         over all axes of a single row)."""
         if (isinstance(a, mx.array) and a.ndim > 0 and keepdims and not kwargs
-                and (axis in (-1, a.ndim - 1) or (axis is None and a.size == a.shape[-1]))
-                and mx.default_device() == mx.cpu):
+                and (axis in (-1, a.ndim - 1) or (axis is None and a.size == a.shape[-1]))):
             return logsumexp(a)
         return mx.logsumexp(a, axis=axis, keepdims=keepdims, **kwargs)
 

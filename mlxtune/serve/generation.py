@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from mlxtune.cpu_math import logsumexp
 from mlxtune.serve.prefix_cache import PrefixCache
 from mlxtune.serve.registry import AdapterRegistry
 from mlxtune.serve.rows import MixedModel, RowTag, seeded_sampler
@@ -256,7 +257,7 @@ class Generator:
             sampler = seeded_sampler(job.temperature, top_p, job.seed)
         for processor in job.logits_processors:
             logits = processor(mx.array(job.prompt, dtype=mx.int32), logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = logits - logsumexp(logits)
         first = sampler(logprobs)
         mx.eval(first, logprobs)
         first = first.item()
