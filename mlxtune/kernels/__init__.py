@@ -36,8 +36,8 @@ _REASON = "not built (run ./scripts/setup.sh, or python -m mlxtune.kernels.build
 
 # What this package's Python side calls: a module built from older sources lacks some of them.
 KERNELS = ("dequantize", "softmax_parts", "logsumexp", "quantized_matmul", "rms_norm", "rope",
-           "attention", "swiglu", "decode_qkv", "decode_out", "block_params", "decode_block", "stack_weights",
-           "decode_stack")
+           "attention", "swiglu", "decode_qkv", "decode_out", "block_params", "decode_block",
+           "stack_weights", "decode_stack")
 
 
 def _usable(module) -> bool:
