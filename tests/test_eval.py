@@ -8,8 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -241,10 +244,49 @@ def _eval_cli(*args, **kw):
                           capture_output=True, text=True, timeout=RUN_TIMEOUT, **kw)
 
 
-def test_ctrl_c_keeps_results_and_resume_finishes(stock_server, tuned, tmp_path):
+@pytest.fixture
+def slow_server(stock_server):
+    """stock_server behind a relay that holds every POST (each completion) for 0.4 s: an eval of
+    8 examples takes seconds however fast the machine, so an interrupt lands inside it."""
+    upstream = stock_server.removesuffix("/v1")
+
+    class Relay(BaseHTTPRequestHandler):
+        def _relay(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.command == "POST":
+                time.sleep(0.4)
+            request = urllib.request.Request(upstream + self.path, data=body or None,
+                                             method=self.command, headers={
+                                                 k: v for k, v in self.headers.items()
+                                                 if k.lower() in ("content-type", "authorization")})
+            try:
+                with urllib.request.urlopen(request, timeout=RUN_TIMEOUT) as r:
+                    status, kind, answer = r.status, r.headers.get("Content-Type"), r.read()
+            except urllib.error.HTTPError as e:
+                status, kind, answer = e.code, e.headers.get("Content-Type"), e.read()
+            self.send_response(status)
+            self.send_header("Content-Type", kind or "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        do_GET = do_POST = _relay
+
+        def log_message(self, *args):
+            pass
+
+    relay = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    threading.Thread(target=relay.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{relay.server_address[1]}/v1"
+    finally:
+        relay.shutdown()
+        relay.server_close()
+
+
+def test_ctrl_c_keeps_results_and_resume_finishes(slow_server, tuned, tmp_path):
     out = tmp_path / "out"
-    # The base model babbles to max_tokens, so the eval takes long enough to interrupt.
-    args = ["--data", str(tuned["data"]), "--url", stock_server, "--model", str(tuned["model"]),
+    args = ["--data", str(tuned["data"]), "--url", slow_server, "--model", str(tuned["model"]),
             "--out", str(out), "--max-tokens", "64", "--concurrency", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "mlxtune", "eval", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -257,9 +299,7 @@ def test_ctrl_c_keeps_results_and_resume_finishes(stock_server, tuned, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=RUN_TIMEOUT)
     kept = len(results.read_text().splitlines())
-    if proc.returncode == 0:
-        pytest.skip("the eval finished before the interrupt arrived")
-    assert proc.returncode == 130 and 2 <= kept < 8
+    assert proc.returncode == 130 and 2 <= kept < 8, (proc.returncode, kept)
     assert err.strip().splitlines()[-1].startswith("error: interrupted with ")
     assert "--resume" in err
     done = _eval_cli(*args, "--resume")
