@@ -38,7 +38,16 @@ def test_swiglu_value_and_grads():
 
 @pytest.mark.parametrize("keys", [7, 12])  # 12: a cache longer than the queries
 @pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
-def test_attention_matches_mlx_fast_sdpa(keys, mask):
+@pytest.mark.parametrize("compiled_kernels", [True, False])
+def test_attention_matches_mlx_fast_sdpa(keys, mask, compiled_kernels, monkeypatch):
+    """In value and gradient: mlxtune's attention kernel where it applies (no mask array), MLX's
+    matmuls and the fast-exp softmax otherwise, and without the kernels."""
+    calls = []
+    if compiled_kernels and kernels.attention_train is not None:
+        kernel = kernels.attention_train
+        monkeypatch.setattr(kernels, "attention_train", lambda *a: calls.append(1) or kernel(*a))
+    else:
+        monkeypatch.setattr(kernels, "attention_train", None)
     mx.random.seed(1)
     q, k, v = (mx.random.normal(s) for s in [(2, 6, 7, 16), (2, 2, keys, 16), (2, 2, keys, 16)])
     if mask == "bool":
@@ -57,6 +66,9 @@ def test_attention_matches_mlx_fast_sdpa(keys, mask):
              for f in (ours, stock)]
     for a, b in zip(*grads):
         _close(a, b, 1e-5)
+    kernel_used = compiled_kernels and kernels.dequantize is not None and not isinstance(
+        mask, mx.array)
+    assert bool(calls) == kernel_used
 
 
 @pytest.mark.parametrize("bits, tied", [(4, False), (8, True)])

@@ -272,6 +272,63 @@ def test_attention_equals_mlx():
         kernels.attention(q, k, v, 0.125, False, mx.zeros((5, 40), mx.bool_))
 
 
+# ---- attention_train: training's and prefill's attention, and its gradient ----
+
+def _sdpa(q, k, v, causal):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3,
+                                                mask="causal" if causal else None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [
+    (2, 6, 2, 7, 7, 16),     # grouped heads, fewer rows than a register tile
+    (2, 6, 2, 7, 12, 16),    # keys past the queries (a prefill after a cached prompt)
+    (1, 4, 4, 70, 70, 20),   # two query blocks, a head size no vector width divides
+    (1, 3, 1, 130, 135, 3),  # three blocks, three-wide heads: every loop's scalar tail
+])
+def test_attention_train_equals_mlx_in_value_and_gradient(shape, causal, each_isa):
+    b, heads, kv_heads, n, s, d = shape
+    key = mx.random.key(sum(shape))
+    # Views as the models make them: (batch, length, heads, dim) transposed.
+    q = mx.random.normal((b, n, heads, d), key=key).transpose(0, 2, 1, 3)
+    k, v = (mx.random.normal((b, s, kv_heads, d), key=mx.random.key(i)).transpose(0, 2, 1, 3)
+            for i in (1, 2))
+    cotangent = mx.random.normal((b, heads, n, d), key=mx.random.key(3))
+    want_out = _sdpa(q, k, v, causal)
+    want_grads = mx.vjp(lambda q, k, v: _sdpa(q, k, v, causal), [q, k, v], [cotangent])[1]
+    group = heads // kv_heads
+    scores = (q * 0.3) @ mx.repeat(k, group, axis=1).swapaxes(-1, -2)
+    if causal:
+        scores = mx.where(mx.arange(s)[None] <= mx.arange(n)[:, None] + (s - n), scores, -mx.inf)
+    want_lse = mx.logsumexp(scores, axis=-1)
+    for isa in _isas():
+        each_isa(isa)
+        out, lse = kernels.attention_train(q, k, v, 0.3, causal)
+        assert mx.allclose(out, want_out, rtol=1e-5, atol=1e-5).item(), isa
+        assert mx.allclose(lse, want_lse, rtol=1e-5, atol=1e-5).item(), isa
+        dq, dk, dv = kernels.attention_train_grad(q, k, v, out, lse, cotangent, 0.3, causal)
+        assert dk.shape == dv.shape == (b, heads, s, d)  # per query head
+        dk, dv = (g.reshape(b, kv_heads, group, s, d).sum(axis=2) for g in (dk, dv))
+        for got, want in zip((dq, dk, dv), want_grads):
+            assert mx.allclose(got, want, rtol=1e-4, atol=1e-5).item(), isa
+
+
+@needs_kernels
+def test_attention_train_splits_over_threads_compiles_and_checks_inputs():
+    # Enough query blocks and heads for every thread, inside mx.compile.
+    q = mx.random.normal((2, 4, 300, 64), key=mx.random.key(4))
+    k, v = (mx.random.normal((2, 2, 300, 64), key=mx.random.key(i)) for i in (5, 6))
+    out = mx.compile(lambda q, k, v: kernels.attention_train(q, k, v, 0.3, True)[0])(q, k, v)
+    assert mx.allclose(out, _sdpa(q, k, v, True), rtol=1e-5, atol=1e-5).item()
+    with pytest.raises(ValueError, match="S >= L"):
+        kernels.attention_train(q, k[:, :, :10], v[:, :, :10], 0.3, True)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.attention_train(q.astype(mx.float16), k, v, 0.3, True)
+    with pytest.raises(ValueError, match="lse"):
+        kernels.attention_train_grad(q, k, v, out, out, out, 0.3, True)
+
+
 @needs_kernels
 def test_swiglu_equals_mlx():
     from mlx_lm.models.activations import swiglu

@@ -8,6 +8,9 @@
 - `quantized_matmul(x, w, scales, biases, group_size, bits)`: x @ dequantize(w).T for fp32 x,
   reading the packed 4/8-bit weights, for decoding (a few rows of x; ~6x faster than MLX's
   `quantized_matmul` for one row). Inference only: it has no gradient.
+- `attention_train(q, k, v, scale, causal)`: attention for training and prefill, returning each
+  row's log-sum-exp too, and `attention_train_grad`: its gradient from those (probabilities
+  recomputed, not kept), block-tiled products on all cores (4-7x faster than MLX's ops);
 - `rms_norm`, `rope`, `attention`, `swiglu`: MLX's fast ops as one op each for generation;
 - `decode_qkv`, `decode_out`: a whole decoder block as two ops when decoding (decode_block.py):
   a token of SmolLM2-135M is ~200 MLX ops instead of ~750; `decode_block` (with
@@ -36,8 +39,8 @@ _REASON = "not built (run ./scripts/setup.sh, or python -m mlxtune.kernels.build
 
 # What this package's Python side calls: a module built from older sources lacks some of them.
 KERNELS = ("dequantize", "softmax_parts", "logsumexp", "quantized_matmul", "rms_norm", "rope",
-           "attention", "swiglu", "decode_qkv", "decode_out", "block_params", "decode_block",
-           "stack_weights", "decode_stack")
+           "attention", "attention_train", "attention_train_grad", "swiglu", "decode_qkv",
+           "decode_out", "block_params", "decode_block", "stack_weights", "decode_stack")
 
 
 def _usable(module) -> bool:
@@ -69,6 +72,8 @@ quantized_matmul = _cpu_kernels.quantized_matmul if _OK else None
 rms_norm = _cpu_kernels.rms_norm if _OK else None
 rope = _cpu_kernels.rope if _OK else None
 attention = _cpu_kernels.attention if _OK else None
+attention_train = _cpu_kernels.attention_train if _OK else None
+attention_train_grad = _cpu_kernels.attention_train_grad if _OK else None
 swiglu = _cpu_kernels.swiglu if _OK else None
 decode_qkv = _cpu_kernels.decode_qkv if _OK else None
 decode_out = _cpu_kernels.decode_out if _OK else None
@@ -83,5 +88,5 @@ def status() -> str:
     if dequantize is None:
         return _REASON
     return ("in use (compiled 4/8-bit de-quantizer and quantized matmul "
-            f"[{_cpu_kernels.matmul_isa()}], softmax parts, logsumexp, rms_norm, rope, attention, "
-            "swiglu, fused decode blocks)")
+            f"[{_cpu_kernels.matmul_isa()}], training attention, softmax parts, logsumexp, rms_norm, "
+            "rope, attention, swiglu, fused decode blocks)")

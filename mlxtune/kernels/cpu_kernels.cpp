@@ -422,6 +422,12 @@ NB_MODULE(_cpu_kernels, m) {
   m.def("attention", &mlxtune::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "mask"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none(),
         "softmax(q k^T * scale + mask) v for a few queries (float32, one op; inference only).");
+  m.def("attention_train", &mlxtune::attention_train, "q"_a, "k"_a, "v"_a, "scale"_a,
+        "causal"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "[softmax(q k^T * scale [causal]) v, each row's log-sum-exp] for training (float32).");
+  m.def("attention_train_grad", &mlxtune::attention_train_grad, "q"_a, "k"_a, "v"_a, "o"_a,
+        "lse"_a, "dout"_a, "scale"_a, "causal"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "[dq, dk, dv] of attention_train, dk and dv per query head (B, H, S, D).");
   m.def(
       "decode_qkv",
       [](const mx::array& x, const mx::array& norm, const std::vector<mx::array>& weights,

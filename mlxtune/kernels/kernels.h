@@ -71,6 +71,18 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
                     bool causal, const std::optional<mx::array>& mask,
                     mx::StreamOrDevice s = {});
 
+// softmax(q k^T * scale [causal, aligned to the last key]) v for training and prefill: q (B, H,
+// L, D), k and v (B, KVH, S, D) with S >= L; returns [out (B, H, L, D), each row's log-sum-exp
+// (B, H, L)]. attention_train_grad takes those and the output's cotangent and returns [dq, dk,
+// dv] with dk and dv per query head (B, H, S, D): the caller sums the heads that share one.
+std::vector<mx::array> attention_train(const mx::array& q, const mx::array& k,
+                                       const mx::array& v, float scale, bool causal,
+                                       mx::StreamOrDevice s = {});
+std::vector<mx::array> attention_train_grad(const mx::array& q, const mx::array& k,
+                                            const mx::array& v, const mx::array& o,
+                                            const mx::array& lse, const mx::array& dout,
+                                            float scale, bool causal, mx::StreamOrDevice s = {});
+
 // ---- Raw routines on plain float rows, shared by the single ops above and the fused decode
 // block (decode_block.cpp), which runs a whole transformer block as two ops. ----
 

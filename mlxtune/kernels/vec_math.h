@@ -18,15 +18,18 @@ __attribute__((always_inline)) inline float pow2(float n) {
   return out;
 }
 
-__attribute__((always_inline)) inline v8f pow2(v8f n) {
-  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  v8f out;
+// The same for each lane of a float vector of any width (v8f, or an instruction set's own).
+template <typename V>
+__attribute__((always_inline)) inline V pow2(V n) {
+  typedef int32_t I __attribute__((vector_size(sizeof(V))));
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
 
 // Cephes' expf, as cpu_math.exp: e^x = 2^n e^r with |r| <= ln(2)/2, x clipped to [-87, 88].
-// V is float or v8f (the same code, eight lanes at a time).
+// V is float or a float vector (the same code, a lane at a time).
 template <typename V>
 __attribute__((always_inline)) inline V fast_exp(V x) {
   x = x < -87.0f ? -87.0f : x;
