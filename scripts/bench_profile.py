@@ -23,7 +23,7 @@ SAMPLE_HZ = 499  # samples a second per busy thread
 # (MKL, oneDNN's JIT GEMMs) lives inside libtorch_cpu, so symbols count, not only libraries.
 PARTS = [
     ("BLAS", ("openblas", "libblas", "mkl_blas", "libmkl", "sgemm", "gemm", "dnnl", "[JIT]")),
-    ("mlxtune kernels (dequantize, softmax)", ("_cpu_kernels",)),
+    ("mlxtune kernels (dequantize, softmax, attention)", ("_cpu_kernels",)),
     ("OpenMP runtime (thread waits)", ("libgomp", "libiomp")),
     ("Python", ("libpython",)),
     ("OS kernel (page faults, thread waits)", ("[kernel.kallsyms]",)),

@@ -310,7 +310,9 @@ def _run_leg(name: str, data: Path, warmup: int, profile: bool = False) -> dict 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "result.json"
         cmd = [sys.executable, __file__, "--leg", name, "--data", str(data),
-               "--warmup", str(warmup), "--result", str(out), *(["--masked"] if PROMPT else [])]
+               "--warmup", str(warmup), "--result", str(out), "--batch", str(BATCH),
+               "--seq", str(SEQ),
+               *(["--masked"] if PROMPT else [])]
         env = _leg_env(name)
         if profile:
             cmd, env, perf_data = bench_profile.profiled(cmd, env, Path(scratch))
@@ -355,6 +357,7 @@ def _fmt(x, spec):
 
 def main() -> int:
     """Run the legs, each in a subprocess, and print the table and ratios."""
+    global PROMPT, BATCH, SEQ
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=8, help="timed steps (fast legs)")
     # A stock step takes minutes here (fp16 quantized matmuls, reference BLAS), so one step,
@@ -373,11 +376,14 @@ def main() -> int:
                    help="also sample the timed steps with perf: where each leg's time goes")
     p.add_argument("--masked", action="store_true",
                    help="the loss on the second half of each row only (a masked prompt)")
+    p.add_argument("--batch", type=int, default=BATCH, help=f"rows a step (default {BATCH})")
+    p.add_argument("--seq", type=int, default=SEQ,
+                   help=f"tokens a row (default {SEQ}; attention's share grows with it)")
     p.add_argument("--leg", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
-    global PROMPT
+    BATCH, SEQ = args.batch, args.seq
     PROMPT = SEQ // 2 if args.masked else 0
 
     if args.leg:  # inside one leg's process
