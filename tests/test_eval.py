@@ -245,16 +245,20 @@ def _eval_cli(*args, **kw):
 
 
 @pytest.fixture
-def slow_server(stock_server):
-    """stock_server behind a relay that holds every POST (each completion) for 0.4 s: an eval of
-    8 examples takes seconds however fast the machine, so an interrupt lands inside it."""
+def gated_server(stock_server):
+    """stock_server behind a relay that answers the first two completions (POSTs) and holds every
+    later one until the test opens the gate: an interrupt then lands inside the eval on any
+    machine, however fast (a fixed delay per request had let a quick eval finish first)."""
     upstream = stock_server.removesuffix("/v1")
+    gate, posts = threading.Event(), []
 
     class Relay(BaseHTTPRequestHandler):
         def _relay(self):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             if self.command == "POST":
-                time.sleep(0.4)
+                posts.append(1)
+                if len(posts) > 2:
+                    gate.wait(RUN_TIMEOUT)
             request = urllib.request.Request(upstream + self.path, data=body or None,
                                              method=self.command, headers={
                                                  k: v for k, v in self.headers.items()
@@ -264,11 +268,14 @@ def slow_server(stock_server):
                     status, kind, answer = r.status, r.headers.get("Content-Type"), r.read()
             except urllib.error.HTTPError as e:
                 status, kind, answer = e.code, e.headers.get("Content-Type"), e.read()
-            self.send_response(status)
-            self.send_header("Content-Type", kind or "application/json")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", kind or "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+            except OSError:  # the interrupted eval has hung up
+                pass
 
         do_GET = do_POST = _relay
 
@@ -278,15 +285,17 @@ def slow_server(stock_server):
     relay = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
     threading.Thread(target=relay.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{relay.server_address[1]}/v1"
+        yield f"http://127.0.0.1:{relay.server_address[1]}/v1", gate
     finally:
+        gate.set()
         relay.shutdown()
         relay.server_close()
 
 
-def test_ctrl_c_keeps_results_and_resume_finishes(slow_server, tuned, tmp_path):
+def test_ctrl_c_keeps_results_and_resume_finishes(gated_server, tuned, tmp_path):
+    url, gate = gated_server
     out = tmp_path / "out"
-    args = ["--data", str(tuned["data"]), "--url", slow_server, "--model", str(tuned["model"]),
+    args = ["--data", str(tuned["data"]), "--url", url, "--model", str(tuned["model"]),
             "--out", str(out), "--max-tokens", "64", "--concurrency", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "mlxtune", "eval", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -296,10 +305,11 @@ def test_ctrl_c_keeps_results_and_resume_finishes(slow_server, tuned, tmp_path):
         if results.is_file() and len(results.read_text().splitlines()) >= 2:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # the third completion is held at the gate
     _, err = proc.communicate(timeout=RUN_TIMEOUT)
+    gate.set()
     kept = len(results.read_text().splitlines())
-    assert proc.returncode == 130 and 2 <= kept < 8, (proc.returncode, kept)
+    assert proc.returncode == 130 and kept == 2, (proc.returncode, kept, err[-500:])
     assert err.strip().splitlines()[-1].startswith("error: interrupted with ")
     assert "--resume" in err
     done = _eval_cli(*args, "--resume")

@@ -1,5 +1,5 @@
 """Two ways to answer test prompts with one interface: an OpenAI-compatible server (through the
-`openai` client, with timeouts, retries and a thread pool) or a model loaded here (mlx-lm,
+`openai` client, with timeouts, retries and worker threads) or a model loaded here (mlx-lm,
 greedy, with the model's chat template)."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ from __future__ import annotations
 import gc
 
 import math
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,15 +110,35 @@ class ServerBackend:
                       getattr(usage, "completion_tokens", None))
 
     def answer_all(self, examples: list[Example]):
-        """Yield (example, answer) as they finish, `concurrency` requests at a time."""
-        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        """Yield (example, answer) as they finish, `concurrency` requests at a time. The workers
+        are daemon threads: on Ctrl-C or an error the eval ends at once instead of waiting out
+        the requests in flight (up to the timeout; their answers were never saved anyway)."""
+        todo, finished = queue.Queue(), queue.Queue()
+        for example in examples:
+            todo.put(example)
+        stop = threading.Event()
+
+        def work():
+            while not stop.is_set():
+                try:
+                    example = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    finished.put((example, self._ask(example), None))
+                except Exception as e:  # raised where the answers are read
+                    finished.put((example, None, e))
+
+        for _ in range(min(self.concurrency, len(examples))):
+            threading.Thread(target=work, daemon=True).start()
         try:
-            futures = {pool.submit(self._ask, ex): ex for ex in examples}
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+            for _ in examples:
+                example, answer, error = finished.get()
+                if error is not None:
+                    raise error
+                yield example, answer
         finally:
-            # On an error or Ctrl-C, drop the requests not yet sent instead of waiting for them.
-            pool.shutdown(wait=False, cancel_futures=True)
+            stop.set()  # workers take nothing more
 
     def perplexity(self, examples: list[Example]) -> float | None:
         """A server gives no loss: no perplexity."""
