@@ -250,11 +250,26 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     fp32 without a mask array, on the CPU device: mlxtune's kernel (block-tiled products and
     an exact softmax per row, nothing of size queries x keys kept for the backward; 4-7x faster
     than the ops below at 128-2048 tokens). Otherwise MLX's matmuls and the fast-exp softmax."""
+    if attention_kernel_covers(q, k, v, mask):
+        return _attention_kernel_fn(float(scale), isinstance(mask, str))(q, k, v)[0]
+    return attention_ops(q, k, v, scale, mask)
+
+
+def attention_kernel_covers(q: mx.array, k: mx.array, v: mx.array, mask=None) -> bool:
+    """Whether attention() runs mlxtune's kernel for these (then nothing of size queries x keys
+    is kept, however long the sequence): built, fp32, no mask array, at least as many keys as
+    queries, on the CPU device."""
+    return (kernels.attention_train is not None
+            and (mask is None or (isinstance(mask, str) and mask == "causal"))
+            and k.shape[2] >= q.shape[2] and q.dtype == k.dtype == v.dtype == mx.float32
+            and mx.default_device() == mx.cpu)
+
+
+def attention_ops(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+    """attention() in MLX's matmuls and the fast-exp softmax (its gradient keeps the
+    probabilities): the path without the kernel, for any mask and dtype."""
     b, heads, n, d = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
-    if (kernels.attention_train is not None and (mask is None or mask == "causal") and s >= n
-            and q.dtype == k.dtype == v.dtype == mx.float32 and mx.default_device() == mx.cpu):
-        return _attention_kernel_fn(float(scale), mask == "causal")(q, k, v)[0]
     group = heads // kv_heads
     scores = ((q * scale).reshape(b, kv_heads, group * n, d) @ k.swapaxes(-1, -2))
     scores = scores.reshape(b, kv_heads, group, n, s)

@@ -26,8 +26,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxtune import kernels
 from mlxtune.decode_block import fused_block_call, fused_stack_call
-from mlxtune.cpu_math import (COMPUTE_DTYPE, attention, dequantize, dequantized_matmul,
-                              linear_cross_entropy, logsumexp, packed_matmul, swiglu)
+from mlxtune.cpu_math import (COMPUTE_DTYPE, attention, attention_kernel_covers, dequantize,
+                              dequantized_matmul, linear_cross_entropy, logsumexp, packed_matmul,
+                              swiglu)
 
 # mlx-lm architectures whose Model.__call__ is `head(self.model(inputs))` (head: `lm_head`, or the
 # embedding when tied), whose MLP class computes `down_proj(swiglu(gate_proj(x), up_proj(x)))`
@@ -257,9 +258,11 @@ def use_fused_blocks(model: nn.Module) -> int:
     return swapped
 
 
-# The fast attention keeps its probabilities for the backward pass, as MLX's own does not: above
-# this many scores (64 MB in fp32; SmolLM2 batch 1 x 1366 tokens) mlx-lm's takes over, so long
-# sequences keep MLX's memory (at 2048 tokens the fast one measured +0.26 GB).
+# Without the attention kernel, the fast-exp attention keeps its probabilities for the backward
+# pass, as MLX's own does not: above this many scores (64 MB in fp32; SmolLM2 batch 1 x 1366
+# tokens) mlx-lm's takes over, so long sequences keep MLX's memory (at 2048 tokens the fast one
+# measured +0.26 GB). The kernel keeps none: it has no limit (mlx-lm's at 2048 tokens made a
+# training step 2.5x slower than PEFT's, its exp a scalar libm call).
 FAST_ATTENTION_SCORES = 1 << 24
 
 
@@ -278,8 +281,9 @@ def _cpu_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
             and (mask is None or isinstance(mask, str) or mask.dtype in (mx.bool_, mx.float32))):
         causal = isinstance(mask, str)
         return kernels.attention(queries, keys, values, scale, causal, None if causal else mask)
-    if (not plain or b * heads * n * keys.shape[2] > FAST_ATTENTION_SCORES
-            or not (mask is None or isinstance(mask, str) or mask.ndim <= 2)):
+    too_long = (b * heads * n * keys.shape[2] > FAST_ATTENTION_SCORES
+                and not attention_kernel_covers(queries, keys, values, mask))
+    if not plain or too_long or not (mask is None or isinstance(mask, str) or mask.ndim <= 2):
         return stock(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     return attention(queries, keys, values, scale, mask)
 

@@ -166,6 +166,28 @@ def test_custom_vjp_keeps_memory_of_a_4bit_model():
     assert fast < 2.5 * one_layer_fp32, (naive, fast, weights)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_long_sequences_keep_the_kernel_attention(kernel, monkeypatch):
+    """Past FAST_ATTENTION_SCORES the MLX-op attention (which keeps its probabilities) hands over
+    to mlx-lm's; the kernel keeps none and stays, however long the sequence."""
+    from mlx_lm.models import base
+
+    if kernel and kernels.attention_train is None:
+        pytest.skip(kernels.status())
+    if not kernel:
+        monkeypatch.setattr(kernels, "attention_train", None)
+    taken = []
+    stock = base.scaled_dot_product_attention
+    monkeypatch.setattr(base, "scaled_dot_product_attention",
+                        lambda *a, **kw: taken.append("mlx-lm") or stock(*a, **kw))
+    monkeypatch.setattr(fastpath, "FAST_ATTENTION_SCORES", 100)
+    q, k, v = (mx.random.normal((1, 4, 12, 8), key=mx.random.key(i)) for i in range(3))
+    out = fastpath._cpu_sdpa(q, k, v, None, 0.3, "causal")
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask="causal")
+    assert mx.allclose(out, want, rtol=1e-5, atol=1e-5).item()
+    assert taken == ([] if kernel else ["mlx-lm"])
+
+
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 def test_loss_on_trained_rows_only_equals_the_masked_full_loss(tiny_qmodel_dir, fast, training):
