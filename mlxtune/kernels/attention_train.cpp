@@ -84,25 +84,42 @@ void run_backward(const AttnArgs& a) {
   baseline::backward(a);
 }
 
-AttnArgs shapes_of(const mx::array& q, const mx::array& k, float scale, bool causal) {
-  AttnArgs a{};
-  a.B = q.shape(0), a.H = q.shape(1), a.L = q.shape(2), a.D = q.shape(3);
-  a.KVH = k.shape(1), a.S = k.shape(2);
-  a.scale = scale, a.causal = causal;
-  return a;
-}
+// What both ops share: their settings, equality by them, and the inputs' shapes and q, k, v.
+class AttentionOp : public InferenceOnly {
+ public:
+  AttentionOp(mx::Stream stream, float scale, bool causal)
+      : InferenceOnly(stream), scale_(scale), causal_(causal) {}
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const AttentionOp&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+ protected:
+  AttnArgs args(const std::vector<mx::array>& inputs) const {
+    const auto &q = inputs[0], &k = inputs[1];
+    AttnArgs a{};
+    a.B = q.shape(0), a.H = q.shape(1), a.L = q.shape(2), a.D = q.shape(3);
+    a.KVH = k.shape(1), a.S = k.shape(2);
+    a.scale = scale_, a.causal = causal_;
+    a.q = q.data<float>(), a.k = k.data<float>(), a.v = inputs[2].data<float>();
+    return a;
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+};
 
 // Gradients exist as the backward op (attention_train_grad); this op's own vjp is never asked
 // for: cpu_math wraps the pair in a custom function.
-class AttentionTrain : public InferenceOnly {
+class AttentionTrain : public AttentionOp {
  public:
-  AttentionTrain(mx::Stream stream, float scale, bool causal)
-      : InferenceOnly(stream), scale_(scale), causal_(causal) {}
+  using AttentionOp::AttentionOp;
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = encoder_for(inputs, outputs);
-    AttnArgs a = shapes_of(inputs[0], inputs[1], scale_, causal_);
-    a.q = inputs[0].data<float>(), a.k = inputs[1].data<float>(), a.v = inputs[2].data<float>();
+    AttnArgs a = args(inputs);
     a.out = outputs[0].data<float>(), a.lse = outputs[1].data<float>();
     encoder.dispatch([a]() { run_forward(a); });
   }
@@ -111,31 +128,20 @@ class AttentionTrain : public InferenceOnly {
     return "MlxtuneAttentionTrain";
   }
 
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const AttentionTrain&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
-  }
-
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     const auto& q = inputs[0];
     return {q.shape(), {q.shape(0), q.shape(1), q.shape(2)}};
   }
-
- private:
-  float scale_;
-  bool causal_;
 };
 
-class AttentionTrainGrad : public InferenceOnly {
+class AttentionTrainGrad : public AttentionOp {
  public:
-  AttentionTrainGrad(mx::Stream stream, float scale, bool causal)
-      : InferenceOnly(stream), scale_(scale), causal_(causal) {}
+  using AttentionOp::AttentionOp;
 
   // inputs: q, k, v, o, lse, dout; outputs: dq, and dk, dv per query head.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = encoder_for(inputs, outputs);
-    AttnArgs a = shapes_of(inputs[0], inputs[1], scale_, causal_);
-    a.q = inputs[0].data<float>(), a.k = inputs[1].data<float>(), a.v = inputs[2].data<float>();
+    AttnArgs a = args(inputs);
     a.o = inputs[3].data<float>(), a.lse = const_cast<float*>(inputs[4].data<float>());
     a.dout = inputs[5].data<float>();
     a.dq = outputs[0].data<float>(), a.dk = outputs[1].data<float>();
@@ -147,20 +153,11 @@ class AttentionTrainGrad : public InferenceOnly {
     return "MlxtuneAttentionTrainGrad";
   }
 
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const AttentionTrainGrad&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
-  }
-
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     const auto& q = inputs[0];
     const mx::Shape per_head = {q.shape(0), q.shape(1), inputs[1].shape(2), q.shape(3)};
     return {q.shape(), per_head, per_head};
   }
-
- private:
-  float scale_;
-  bool causal_;
 };
 
 void check(const mx::array& q, const mx::array& k, const mx::array& v, const char* op) {
