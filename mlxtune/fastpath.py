@@ -281,9 +281,10 @@ def _cpu_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
             and (mask is None or isinstance(mask, str) or mask.dtype in (mx.bool_, mx.float32))):
         causal = isinstance(mask, str)
         return kernels.attention(queries, keys, values, scale, causal, None if causal else mask)
-    too_long = (b * heads * n * keys.shape[2] > FAST_ATTENTION_SCORES
-                and not attention_kernel_covers(queries, keys, values, mask))
-    if not plain or too_long or not (mask is None or isinstance(mask, str) or mask.ndim <= 2):
+    # (A quantized cache's keys are tuples: `plain` is checked first.)
+    if (not plain or not (mask is None or isinstance(mask, str) or mask.ndim <= 2)
+            or (b * heads * n * keys.shape[2] > FAST_ATTENTION_SCORES
+                and not attention_kernel_covers(queries, keys, values, mask))):
         return stock(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     return attention(queries, keys, values, scale, mask)
 
