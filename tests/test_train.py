@@ -131,6 +131,29 @@ def test_dry_run_plans_without_loading(tmp_path, tiny_qmodel_dir, capsys):
         assert part in text
 
 
+def test_memory_plan_drops_the_attention_matrix_where_the_kernel_keeps_none(tmp_path,
+                                                                           tiny_qmodel_dir,
+                                                                           monkeypatch):
+    """On the CPU path mlxtune's attention kernel keeps one log-sum-exp a row, not a heads x t x t
+    matrix a block (MLX's attention, and every other backend, still do)."""
+    from mlxtune import kernels
+    from mlxtune.train.config import load_train_config
+    from mlxtune.train.memory import plan_memory
+
+    if kernels.attention_train is None:
+        pytest.skip(kernels.status())
+    cfg = load_train_config(_config(tmp_path, tiny_qmodel_dir), ["max_seq_length=1024"])
+    kernel_cpu = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
+    gpu = plan_memory(tiny_qmodel_dir, cfg, "cuda", 0)
+    monkeypatch.setattr(kernels, "attention_train", None)
+    ops_cpu = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
+    heads, t = 4, 1024  # tests/tiny.py's llama
+    blocks_kept = ops_cpu.activations - kernel_cpu.activations
+    assert blocks_kept > 0 and blocks_kept % (heads * (t - 1) * t * 4) == 0
+    assert ops_cpu.peak - kernel_cpu.peak > blocks_kept  # and the backward's t x t transients
+    assert gpu.activations * 2 == ops_cpu.activations  # fp16 there: the matrices stay counted
+
+
 def test_missing_data_is_reported_before_loading(tmp_path, tiny_qmodel_dir):
     path = _config(tmp_path, tiny_qmodel_dir)
     (tmp_path / "data" / "valid.jsonl").unlink()

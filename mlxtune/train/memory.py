@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlxtune import kernels
 from mlxtune.cpu_math import logit_chunks, row_chunks
 from mlxtune.fastpath import fused_loss_model_type
 from mlxtune.models.folder import read_config, safetensors_shapes
@@ -129,11 +130,18 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
     params = _lora_params(config, train, shapes)
     trainable = params * 4
     moments = {"adam": 2, "adamw": 2, "sgd": 0, "adafactor": 1}[train.optimizer]
+    # The CPU path's attention kernel keeps one log-sum-exp a row where MLX's keeps the
+    # probabilities (a heads x t matrix a token), and its backward briefly holds each query
+    # head's key and value gradients where MLX's holds two more t x t matrices.
+    flash = (backend == "cpu" and kernels.attention_train is not None
+             and fused_loss_model_type(config.get("model_type", "")))
     # What one block keeps for its backward pass, per token: norms, q/k/v, attention output,
     # residuals (~7h + 2 heads*hd + 2 kv*hd) and the MLP's gate/up/activation/product (4 inter),
-    # plus one heads x t attention matrix (counting scores and probabilities both over-planned
-    # SmolLM2 at 2048 by 24%; one matrix fits every case bench_memory.py measured to 12%).
-    per_token = 7 * h + 2 * heads * hd + 2 * kv * hd + 4 * inter + heads * t
+    # plus, without the kernel, one heads x t attention matrix (counting scores and probabilities
+    # both over-planned SmolLM2 at 2048 by 24%; one matrix fits every case bench_memory.py
+    # measured to 12%).
+    per_token = (7 * h + 2 * heads * hd + 2 * kv * hd + 4 * inter
+                 + (heads if flash else heads * t))
     block = b * t * per_token * act
     full_acts = n * block
     # Checkpointing keeps each block's input; the block being recomputed holds its activations
@@ -143,8 +151,8 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
     logits = _logit_bytes(config, backend, b * t)
     # The backward pass of one attention briefly holds the scores' gradient and its softmax's
     # beside the kept probabilities (~2 more heads x t x t matrices: measured at 2048 tokens once
-    # the logits stopped hiding it).
-    transient = 2 * b * heads * t * t * act
+    # the logits stopped hiding it); the kernel's, per-head key and value gradients.
+    transient = 2 * b * heads * t * (hd if flash else t) * act
     acts = ckpt_acts if train.grad_checkpoint else full_acts
     other = full_acts if train.grad_checkpoint else ckpt_acts
     # DPO runs the same rows through the base once more without a gradient: nothing of it is kept
