@@ -248,8 +248,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     MLX's) or a boolean/additive (queries x keys) array.
 
     fp32 without a mask array, on the CPU device: mlxtune's kernel (block-tiled products and
-    an exact softmax per row, nothing of size queries x keys kept for the backward; 4-7x faster
-    than the ops below at 128-2048 tokens). Otherwise MLX's matmuls and the fast-exp softmax."""
+    an exact softmax per row, nothing of size queries x keys kept for the backward; forward +
+    backward 2-7x faster than the ops below at 64-2048 tokens, scripts/bench_attention.py). Otherwise MLX's matmuls and the fast-exp softmax."""
     if attention_kernel_covers(q, k, v, mask):
         return _attention_kernel_fn(float(scale), isinstance(mask, str))(q, k, v)[0]
     return attention_ops(q, k, v, scale, mask)

@@ -10,7 +10,7 @@
   `quantized_matmul` for one row). Inference only: it has no gradient.
 - `attention_train(q, k, v, scale, causal)`: attention for training and prefill, returning each
   row's log-sum-exp too, and `attention_train_grad`: its gradient from those (probabilities
-  recomputed, not kept), block-tiled products on all cores (4-7x faster than MLX's ops);
+  recomputed, not kept), block-tiled products on all cores (2-7x faster than MLX's ops);
 - `rms_norm`, `rope`, `attention`, `swiglu`: MLX's fast ops as one op each for generation;
 - `decode_qkv`, `decode_out`: a whole decoder block as two ops when decoding (decode_block.py):
   a token of SmolLM2-135M is ~200 MLX ops instead of ~750; `decode_block` (with
