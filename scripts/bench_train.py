@@ -6,6 +6,7 @@
     .venv/bin/python scripts/bench_train.py --7b       # also: peak memory of a 7B-shaped step
     .venv/bin/python scripts/bench_train.py --legs mlxtune,peft --profile   # where time goes
     .venv/bin/python scripts/bench_train.py --legs mlxtune,peft --masked    # a masked prompt
+    .venv/bin/python scripts/bench_train.py --legs mlxtune,peft --isa avx2  # an AVX2 CPU's race
 
 Same job for every leg: the built-in 4-bit SmolLM2-135M, the same token batches (4 x 64,
 generated deterministically and tokenized once here), LoRA rank 8 on q_proj and v_proj of the
@@ -34,6 +35,11 @@ import bench_profile  # noqa: E402  (scripts/, beside this file)
 BATCH, SEQ, RANK, LAYERS, KEYS, SCALE, LR = 4, 64, 8, 8, ["q_proj", "v_proj"], 20.0, 1e-5
 # The leading targets of each row that carry no loss (--masked sets SEQ // 2, in every process).
 PROMPT = 0
+# --isa avx2: every leg's code held to AVX2 + FMA on a bigger CPU (an AVX2 machine's race on an
+# AVX-512 one): mlxtune's kernels, OpenBLAS's core type, PyTorch's ATen and its MKL.
+ISA_ENV = {"avx2": {"MLXTUNE_CPU_ISA": "avx2", "OPENBLAS_CORETYPE": "Haswell",
+                    "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+ISA = None
 _SUBJECTS = ["the sea", "a lighthouse", "bread", "a bicycle", "winter", "prime numbers", "bees",
              "the moon", "a library", "coffee", "rivers", "chess", "volcanoes", "a violin"]
 _ASKS = ["Write two sentences about {}.", "Explain {} to a child.", "Give three facts about {}.",
@@ -300,6 +306,7 @@ def _leg_env(name: str) -> dict:
     # Whatever this shell had loaded (OpenBLAS or MKL and its search path) goes; each leg gets its own.
     env = {k: v for k, v in without_preload().items()
            if k not in ("LD_LIBRARY_PATH", *ALLOCATOR_ENV)}
+    env.update(ISA_ENV.get(ISA, {}))
     if name in ("mlxtune", "mlxtune+cache", "mlx_lm+openblas", "7b"):
         env.update(blas_env(env))
     return env
@@ -357,7 +364,7 @@ def _fmt(x, spec):
 
 def main() -> int:
     """Run the legs, each in a subprocess, and print the table and ratios."""
-    global PROMPT, BATCH, SEQ
+    global PROMPT, BATCH, SEQ, ISA
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=8, help="timed steps (fast legs)")
     # A stock step takes minutes here (fp16 quantized matmuls, reference BLAS), so one step,
@@ -379,11 +386,13 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=BATCH, help=f"rows a step (default {BATCH})")
     p.add_argument("--seq", type=int, default=SEQ,
                    help=f"tokens a row (default {SEQ}; attention's share grows with it)")
+    p.add_argument("--isa", choices=sorted(ISA_ENV),
+                   help="hold every leg to this instruction set (avx2: an AVX2 CPU's race)")
     p.add_argument("--leg", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
-    BATCH, SEQ = args.batch, args.seq
+    BATCH, SEQ, ISA = args.batch, args.seq, args.isa
     PROMPT = SEQ // 2 if args.masked else 0
 
     if args.leg:  # inside one leg's process
@@ -425,7 +434,7 @@ def main() -> int:
     gflop, peaks = _step_gflop(), _blas_peaks(legs)
     print(f"\nQLoRA, built-in SmolLM2-135M 4-bit, batch {BATCH} x {SEQ}, rank {RANK}, "
           f"{'+'.join(KEYS)} of the last {LAYERS} layers, AdamW; {os.cpu_count()} cores, "
-          f"{chip_name()}"
+          f"{chip_name()}" + (f" held to {ISA.upper()}" if ISA else "")
           + (f"; loss on the last {SEQ - PROMPT} of each row's {SEQ} targets" if PROMPT else ""))
     print(f"one step is {gflop:.1f} GFLOP{' (all targets: GFLOP/s counts that)' if PROMPT else ''}"
           f"; BLAS peak (1024^3 fp32 matmul): " + ", ".join(

@@ -1,6 +1,7 @@
 """mlxtune's compiled CPU kernels (mlxtune/kernels): built by setup on Linux, and exactly MLX's
 numbers wherever cpu_math uses them."""
 
+import os
 import sys
 
 import mlx.core as mx
@@ -156,6 +157,24 @@ def each_isa():
     default = ours.matmul_isa()
     yield lambda isa: ours.set_matmul_isa(isa)
     ours.set_matmul_isa(default)
+
+
+@needs_kernels
+def test_mlxtune_cpu_isa_picks_the_starting_instruction_set():
+    """MLXTUNE_CPU_ISA starts the kernels on a set this CPU has (bench_train --isa avx2 runs an
+    AVX2 machine's code here); a name it lacks or does not know leaves the best one."""
+    import subprocess
+
+    def started(value):
+        env = {**os.environ, "MLXTUNE_CPU_ISA": value}
+        return subprocess.run([sys.executable, "-c", "from mlxtune.kernels import _cpu_kernels as k;"
+                               " print(k.matmul_isa())"], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    best = kernels._cpu_kernels.matmul_isa()
+    for isa in _isas():
+        assert started(isa) == isa
+    assert started("avx1024") == best
 
 
 def _quantized(rows, cols, group_size, bits, dtype, seed=0):

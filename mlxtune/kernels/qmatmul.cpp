@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -158,8 +159,14 @@ bool cpu_has(const std::string& isa) {
   return isa == "baseline";
 }
 
+// The best set this CPU has, or the one MLXTUNE_CPU_ISA names when the CPU has it (to run the
+// AVX2 or baseline paths on a bigger CPU, as OPENBLAS_CORETYPE and ATEN_CPU_CAPABILITY do).
 std::string& current_isa() {
-  static std::string isa = cpu_has("avx512") ? "avx512" : cpu_has("avx2") ? "avx2" : "baseline";
+  static std::string isa = [] {
+    const char* wanted = std::getenv("MLXTUNE_CPU_ISA");
+    if (wanted != nullptr && cpu_has(wanted)) return std::string(wanted);
+    return std::string(cpu_has("avx512") ? "avx512" : cpu_has("avx2") ? "avx2" : "baseline");
+  }();
   return isa;
 }
 
