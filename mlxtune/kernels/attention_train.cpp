@@ -34,13 +34,12 @@ constexpr int64_t QBLOCK = 64;
 // exps; the backward's gradients: dq as q, dk and dv per query head (B, H, S, D).
 struct AttnArgs {
   const float *q, *k, *v;
-  float* out;
-  float* lse;
+  float *out, *lse_out;  // forward only: the output and each row's log-sum-exp
   int64_t B, H, KVH, L, S, D;
   float scale;
   bool causal;
-  // backward only (lse is then an input)
-  const float *o, *dout;
+  // backward only: the forward's output and log-sum-exp, and the output's gradient
+  const float *o, *lse, *dout;
   float *dq, *dk, *dv;
 };
 
@@ -121,7 +120,7 @@ class AttentionTrain : public AttentionOp {
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = encoder_for(inputs, outputs);
     AttnArgs a = args(inputs);
-    a.out = outputs[0].data<float>(), a.lse = outputs[1].data<float>();
+    a.out = outputs[0].data<float>(), a.lse_out = outputs[1].data<float>();
     encoder.dispatch([a]() { run_forward(a); });
   }
 
@@ -143,7 +142,7 @@ class AttentionTrainGrad : public AttentionOp {
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = encoder_for(inputs, outputs);
     AttnArgs a = args(inputs);
-    a.o = inputs[3].data<float>(), a.lse = const_cast<float*>(inputs[4].data<float>());
+    a.o = inputs[3].data<float>(), a.lse = inputs[4].data<float>();
     a.dout = inputs[5].data<float>();
     a.dq = outputs[0].data<float>(), a.dk = outputs[1].data<float>();
     a.dv = outputs[2].data<float>();
