@@ -340,9 +340,10 @@ def use_fast_logsumexp() -> bool:
     return True
 
 
-def fused_loss_model_type(model_type: str) -> bool:
-    """Whether a model of this config.json `model_type` trains with the fused output loss on the
-    CPU path (its head quantized, as the CPU path's models are)."""
+def standard_model_type(model_type: str) -> bool:
+    """Whether a model of this config.json `model_type` is a STANDARD architecture: on the CPU
+    path it trains with the fused output loss (its head quantized, as the CPU path's models are)
+    and the attention kernel (where built)."""
     from mlx_lm.utils import MODEL_REMAPPING
 
     return f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}" in STANDARD

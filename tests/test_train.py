@@ -135,23 +135,55 @@ def test_memory_plan_drops_the_attention_matrix_where_the_kernel_keeps_none(tmp_
                                                                            tiny_qmodel_dir,
                                                                            monkeypatch):
     """On the CPU path mlxtune's attention kernel keeps one log-sum-exp a row, not a heads x t x t
-    matrix a block (MLX's attention, and every other backend, still do)."""
+    matrix a block (MLX's attention, and every other backend, still do): its activations grow
+    with the length, the others' faster."""
     from mlxtune import kernels
     from mlxtune.train.config import load_train_config
     from mlxtune.train.memory import plan_memory
 
     if kernels.attention_train is None:
         pytest.skip(kernels.status())
-    cfg = load_train_config(_config(tmp_path, tiny_qmodel_dir), ["max_seq_length=1024"])
-    kernel_cpu = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
-    gpu = plan_memory(tiny_qmodel_dir, cfg, "cuda", 0)
-    monkeypatch.setattr(kernels, "attention_train", None)
-    ops_cpu = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
+
+    def plans(t):
+        cfg = load_train_config(_config(tmp_path, tiny_qmodel_dir), [f"max_seq_length={t}"])
+        kernel_cpu, gpu = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0), \
+            plan_memory(tiny_qmodel_dir, cfg, "cuda", 0)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "attention_train", None)
+            return kernel_cpu, gpu, plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
+
+    (kernel_512, _, ops_512), (kernel_1024, gpu, ops_1024) = plans(512), plans(1024)
+    assert kernel_1024.activations == 2 * kernel_512.activations
     heads, t = 4, 1024  # tests/tiny.py's llama
-    blocks_kept = ops_cpu.activations - kernel_cpu.activations
-    assert blocks_kept > 0 and blocks_kept % (heads * (t - 1) * t * 4) == 0
-    assert ops_cpu.peak - kernel_cpu.peak > blocks_kept  # and the backward's t x t transients
-    assert gpu.activations * 2 == ops_cpu.activations  # fp16 there: the matrices stay counted
+    quadratic = (ops_1024.activations - 2 * ops_512.activations) // (t * t // 2)
+    assert quadratic > 0 and quadratic % (heads * 4) == 0  # whole heads x t x t fp32 matrices
+    assert ops_1024.peak - kernel_1024.peak > ops_1024.activations - kernel_1024.activations
+    assert gpu.activations * 2 == ops_1024.activations  # fp16 there: the matrices stay counted
+
+
+def test_memory_plan_counts_the_head_once_where_the_fused_loss_chunks_it(tmp_path,
+                                                                         tiny_qmodel_dir,
+                                                                         monkeypatch):
+    """With the kernels' de-quantizer the fused loss de-quantizes the output head a vocabulary
+    chunk at a time (planned as the loss): the whole head is not also de-quantizing scratch, as
+    it is with MLX's ops (unpacked copies) or on other backends."""
+    from mlxtune import kernels
+    from mlxtune.models.folder import read_config
+    from mlxtune.train.config import load_train_config
+    from mlxtune.train.memory import plan_memory
+
+    if kernels.dequantize is None:
+        pytest.skip(kernels.status())
+    cfg = load_train_config(_config(tmp_path, tiny_qmodel_dir), [])
+    kernel_cpu = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
+    monkeypatch.setattr(kernels, "dequantize", None)
+    ops_cpu = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
+    model = read_config(tiny_qmodel_dir)
+    assert ops_cpu.logits == kernel_cpu.logits and ops_cpu.activations == kernel_cpu.activations
+    # The scratch is the biggest weight twice in fp32: the head there, the MLP's here.
+    vocab, h, inter = model["vocab_size"], model["hidden_size"], model["intermediate_size"]
+    assert vocab > inter
+    assert ops_cpu.peak - kernel_cpu.peak == 2 * 4 * h * (vocab - inter)
 
 
 def test_missing_data_is_reported_before_loading(tmp_path, tiny_qmodel_dir):

@@ -13,15 +13,17 @@ from pathlib import Path
 
 from mlxtune import kernels
 from mlxtune.cpu_math import logit_chunks, row_chunks
-from mlxtune.fastpath import fused_loss_model_type
+from mlxtune.fastpath import standard_model_type
 from mlxtune.models.folder import read_config, safetensors_shapes
 from mlxtune.train.config import TrainConfig
 from mlxtune.train.lora import adapted_blocks, all_linear, key_matches
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8}
 GB = 1024**3
-# scripts/bench_memory.py measured peaks at 0.89-1.08 of the plan: a run refused for memory is
-# one planned more than this far over what is available.
+# scripts/bench_memory.py measured peaks at 0.68-1.04 of the plan (the CPU path with the kernels,
+# SmolLM2, two other shapes and a 7B-shaped llama; checkpointed runs lowest, their loss and
+# recomputed block counted as if alive together): a run refused for memory is one planned more
+# than this far over what is available.
 PLAN_ERROR = 0.15
 
 
@@ -134,14 +136,18 @@ def plan_memory(model_dir: Path, train: TrainConfig, backend: str, available: in
     # probabilities (a heads x t matrix a token), and its backward briefly holds each query
     # head's key and value gradients where MLX's holds two more t x t matrices.
     flash = (backend == "cpu" and kernels.attention_train is not None
-             and fused_loss_model_type(config.get("model_type", "")))
+             and standard_model_type(config.get("model_type", "")))
     # What one block keeps for its backward pass, per token: norms, q/k/v, attention output,
-    # residuals (~7h + 2 heads*hd + 2 kv*hd) and the MLP's gate/up/activation/product (4 inter),
-    # plus, without the kernel, one heads x t attention matrix (counting scores and probabilities
-    # both over-planned SmolLM2 at 2048 by 24%; one matrix fits every case bench_memory.py
-    # measured to 12%).
-    per_token = (7 * h + 2 * heads * hd + 2 * kv * hd + 4 * inter
-                 + (heads if flash else heads * t))
+    # residuals and the MLP's gate/up/product. With the kernel, fitted to bench_memory.py's
+    # per-block slopes of three shapes (SmolLM2; h 1024 / inter 1024; h 256 / inter 3072: 8050,
+    # 8950, 11195 floats a token, each planned to +3%): 3.5h + 2 heads*hd + 2 kv*hd + 3 inter
+    # and one log-sum-exp a head. Without it (MLX's attention ops), as fitted before the kernel:
+    # ~7h + 2 heads*hd + 2 kv*hd + 4 inter and one heads x t matrix (counting scores and
+    # probabilities both over-planned SmolLM2 at 2048 by 24%).
+    if flash:
+        per_token = 7 * h // 2 + 2 * heads * hd + 2 * kv * hd + 3 * inter + heads
+    else:
+        per_token = 7 * h + 2 * heads * hd + 2 * kv * hd + 4 * inter + heads * t
     block = b * t * per_token * act
     full_acts = n * block
     # Checkpointing keeps each block's input; the block being recomputed holds its activations
@@ -180,10 +186,15 @@ def _weight_bytes(shapes: dict, backend: str) -> int:
 
 def _dequant_scratch(shapes: dict, config: dict, backend: str, tokens: int, act: int) -> int:
     """The largest de-quantized weight, briefly in fp32, twice (forward and backward). The CPU
-    fast path de-quantizes big weights in row chunks and then concatenates the outputs."""
+    fast path de-quantizes big weights in row chunks and then concatenates the outputs; its fused
+    loss de-quantizes the output head in vocabulary chunks (counted by _logit_bytes) and the
+    embedding only at the looked-up rows, with the kernels' de-quantizer (MLX's ops, without
+    it, hold unpacked copies as big as a whole head: measured)."""
+    fused = (backend == "cpu" and kernels.dequantize is not None
+             and standard_model_type(config.get("model_type", "")))
     scratch = 0
     for name, (shape, dtype) in shapes.items():
-        if len(shape) != 2:
+        if len(shape) != 2 or (fused and _is_head_or_embedding(name)):
             continue
         rows, cols = shape[0], _in_out(shape, dtype, config, name) // shape[0]
         chunks = row_chunks(rows, cols, tokens) if backend == "cpu" else [(0, rows)]
@@ -194,15 +205,20 @@ def _dequant_scratch(shapes: dict, config: dict, backend: str, tokens: int, act:
     return scratch
 
 
+def _is_head_or_embedding(name: str) -> bool:
+    return name.startswith("lm_head.") or ".embed_tokens." in name or name.startswith("embed_tokens.")
+
+
 def _logit_bytes(config: dict, backend: str, tokens: int) -> int:
     """The output layer's logits and loss. The fused loss of the CPU path
-    (fastpath.token_losses) holds one vocabulary chunk of logits and its exp, not the whole
-    logits three times over, and de-quantized head chunks (counted 4x: fitted to
-    bench_memory.py's SmolLM2 peaks at 512 and 2048 tokens)."""
+    (fastpath.token_losses) works through the vocabulary in chunks, not the whole logits three
+    times over: its peak, measured alone for SmolLM2's head (fwd + bwd at 128 / 512 / 1024 / 2048
+    tokens: 0.18 / 0.33 / 0.26 / 0.23 GiB), is covered by ~3.5 de-quantized head chunks and ~6.5
+    chunks of logits (the first over-plans 128 tokens by 0.08 GiB, the rest within 1%)."""
     vocab, h = config["vocab_size"], config["hidden_size"]
-    if backend == "cpu" and fused_loss_model_type(config.get("model_type", "")):
+    if backend == "cpu" and standard_model_type(config.get("model_type", "")):
         a, z = logit_chunks(vocab, h, tokens)[0]
-        return 2 * tokens * (z - a) * 4 + 4 * (z - a) * h * 4 + 2 * tokens * h * 4
+        return (13 * tokens * (z - a) + 7 * (z - a) * h) * 4 // 2 + 2 * tokens * h * 4
     return 3 * tokens * vocab * 4
 
 
