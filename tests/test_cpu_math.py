@@ -162,3 +162,29 @@ def test_standard_architectures_match_stock_mlx_lm(arch, tied, monkeypatch):
     fast.eval()
     _close(token_losses(fast, inputs, targets).mean(), stock_loss, 1e-5)
     assert not calls, "evaluation should go through the logits"
+
+
+@pytest.mark.skipif(kernels.dequant_matmul is None, reason=kernels.status())
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (8, 64)])
+def test_dequantized_matmul_kernel_equals_the_blas_path_in_value_and_gradient(bits, group_size,
+                                                                             monkeypatch):
+    """A quantized layer's x @ W.T and its input gradient through kernels.dequant_matmul (W
+    de-quantized into register-tile blocks) equal the de-quantize-then-BLAS path's, and the
+    kernel is what ran."""
+    layer = nn.QuantizedLinear(192, 80, bias=False, group_size=group_size, bits=bits)
+    layer = fastpath.DequantizedLinear.from_quantized(layer)
+    x = mx.random.normal((2, 5, 192), key=mx.random.key(3))
+    cot = mx.random.normal((2, 5, 80), key=mx.random.key(4))
+
+    def run():
+        return mx.vjp(lambda x: cpu_math.dequantized_matmul(x, layer), [x], [cot])
+
+    calls = []
+    real = kernels.dequant_matmul
+    monkeypatch.setattr(kernels, "dequant_matmul", lambda *a, **k: calls.append(a[-1]) or real(*a))
+    (out,), (dx,) = run()
+    assert calls == [True, False]  # the forward and the input's gradient
+    monkeypatch.setattr(kernels, "dequant_matmul", None)
+    (ref_out,), (ref_dx,) = run()
+    _close(out, ref_out, 1e-5)
+    _close(dx, ref_dx, 1e-5)

@@ -187,6 +187,45 @@ def _quantized(rows, cols, group_size, bits, dtype, seed=0):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_dequant_matmul_equals_mlx_both_ways(bits, group_size, dtype, each_isa):
+    """Training's x @ W.T and dy @ W from the packed weight: every instruction set, row and
+    column tails (13 rows, 77 outputs), one row, a transposed x, and sums longer than one block
+    of the weight (8320 terms: two or more parts, added)."""
+    for isa in _isas():
+        each_isa(isa)
+        for rows, n, k, seed in ((13, 77, 384, 0), (1, 40, 128, 1), (3, 40, 8320, 2)):
+            w, scales, biases = _quantized(n, k, group_size, bits, dtype, seed=seed + bits)
+            dense = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
+                                  group_size=group_size, bits=bits)
+            x = mx.random.normal((rows, k), key=mx.random.key(seed))
+            dy = mx.random.normal((n, rows), key=mx.random.key(seed + 7)).T  # strided
+            for got, want in ((kernels.dequant_matmul(x, w, scales, biases, group_size, bits, True),
+                               x @ dense.T),
+                              (kernels.dequant_matmul(dy, w, scales, biases, group_size, bits,
+                                                      False), dy @ dense)):
+                assert got.shape == want.shape
+                scale = mx.abs(want).max().item()
+                assert mx.abs(got - want).max().item() <= 1e-5 * scale, (isa, rows, n, k)
+
+
+@needs_kernels
+def test_dequant_matmul_checks_inputs():
+    w, scales, biases = _quantized(64, 128, 32, 4, mx.float16)
+    x = mx.ones((2, 128))
+    with pytest.raises(ValueError, match="float32 x"):
+        kernels.dequant_matmul(x.astype(mx.float16), w, scales, biases, 32, 4, True)
+    with pytest.raises(ValueError, match="last axis"):
+        kernels.dequant_matmul(x, w, scales, biases, 32, 4, False)  # x @ W wants 64 columns
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernels.dequant_matmul(x, w, scales, biases, 48, 4, True)
+    with pytest.raises(ValueError, match="bits"):
+        kernels.dequant_matmul(x, w, scales, biases, 32, 3, True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
 def test_quantized_matmul_equals_mlx(bits, group_size, dtype, each_isa):
     # 77 output rows (odd: no row tail is special), 1..8 rows of x and 11 (two passes).
     w, scales, biases = _quantized(77, 384, group_size, bits, dtype, seed=bits + group_size)

@@ -11,6 +11,9 @@
 - `attention_train(q, k, v, scale, causal)`: attention for training and prefill, returning each
   row's log-sum-exp too, and `attention_train_grad`: its gradient from those (probabilities
   recomputed, not kept), block-tiled products on all cores (2-7x faster than MLX's ops);
+- `dequant_matmul(x, w, scales, biases, group_size, bits, transpose)`: training's x @ W.T and
+  dy @ W with a frozen 4/8-bit W de-quantized straight into register-tile blocks (no fp32 copy
+  of W, no BLAS copies of it);
 - `rms_norm`, `rope`, `attention`, `swiglu`: MLX's fast ops as one op each for generation;
 - `decode_qkv`, `decode_out`: a whole decoder block as two ops when decoding (decode_block.py):
   a token of SmolLM2-135M is ~200 MLX ops instead of ~750; `decode_block` (with
@@ -39,7 +42,7 @@ _REASON = "not built (run ./scripts/setup.sh, or python -m mlxtune.kernels.build
 
 # What this package's Python side calls: a module built from older sources lacks some of them.
 KERNELS = ("dequantize", "softmax_parts", "logsumexp", "quantized_matmul", "rms_norm", "rope",
-           "attention", "attention_train", "attention_train_grad", "swiglu", "decode_qkv",
+           "attention", "attention_train", "attention_train_grad", "dequant_matmul", "swiglu", "decode_qkv",
            "decode_out", "block_params", "decode_block", "stack_weights", "decode_stack")
 
 
@@ -74,6 +77,7 @@ rope = _cpu_kernels.rope if _OK else None
 attention = _cpu_kernels.attention if _OK else None
 attention_train = _cpu_kernels.attention_train if _OK else None
 attention_train_grad = _cpu_kernels.attention_train_grad if _OK else None
+dequant_matmul = _cpu_kernels.dequant_matmul if _OK else None
 swiglu = _cpu_kernels.swiglu if _OK else None
 decode_qkv = _cpu_kernels.decode_qkv if _OK else None
 decode_out = _cpu_kernels.decode_out if _OK else None
@@ -88,5 +92,5 @@ def status() -> str:
     if dequantize is None:
         return _REASON
     return ("in use (compiled 4/8-bit de-quantizer and quantized matmul "
-            f"[{_cpu_kernels.matmul_isa()}], training attention, softmax parts, logsumexp, rms_norm, "
+            f"[{_cpu_kernels.matmul_isa()}], training matmul and attention, softmax parts, logsumexp, rms_norm, "
             "rope, attention, swiglu, fused decode blocks)")

@@ -428,6 +428,10 @@ NB_MODULE(_cpu_kernels, m) {
   m.def("attention_train_grad", &mlxtune::attention_train_grad, "q"_a, "k"_a, "v"_a, "o"_a,
         "lse"_a, "dout"_a, "scale"_a, "causal"_a, nb::kw_only(), "stream"_a = nb::none(),
         "[dq, dk, dv] of attention_train, dk and dv per query head (B, H, S, D).");
+  m.def("dequant_matmul", &mlxtune::dequant_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a,
+        "group_size"_a, "bits"_a, "transpose"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ dequantize(w).T (transpose) or x @ dequantize(w) for training, the weight never "
+        "de-quantized whole (float32 x; 4/8-bit affine w; no gradient of its own).");
   m.def(
       "decode_qkv",
       [](const mx::array& x, const mx::array& norm, const std::vector<mx::array>& weights,

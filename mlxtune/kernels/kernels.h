@@ -57,6 +57,13 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
                            const mx::array& biases, int group_size, int bits,
                            mx::StreamOrDevice s = {});
 
+// Training's matmuls with a frozen weight: x @ dequantize(w).T (transpose) or x @ dequantize(w)
+// for float32 x and 4/8-bit affine w (N, K*bits/32), group_size a multiple of 32, the weight
+// de-quantized into register-tile blocks, never whole (qmatmul_train.cpp); no gradient of its own.
+mx::array dequant_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                         const mx::array& biases, int group_size, int bits, bool transpose,
+                         mx::StreamOrDevice s = {});
+
 // MLX's fast.rms_norm and fast.rope formulas as one CPU op each (their CPU fallbacks are ~6
 // and ~15 ops); float32, inference only. rope's offset: one int32, or one per batch row.
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps,
