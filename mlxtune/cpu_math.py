@@ -5,9 +5,11 @@ calling the BLAS matmul, so `dequantized_matmul` does that inside a custom VJP t
 again in the backward pass (the fp32 copy of a weight lives only while its layer computes), in
 row chunks for big weights, each chunk ordered after the previous one. Decoding (a few rows of x)
 is the exception: there de-quantizing costs more than the matmul, and `packed_matmul` reads the
-packed weights instead. The de-quantizing, the packed matmul and the fused loss's exp/max/sum run
-in mlxtune's compiled kernels (mlxtune/kernels) when they are built, and in MLX's ops (same
-numbers, slower) when not.
+packed weights instead. With mlxtune's compiled kernels (mlxtune/kernels) built, training's
+matmuls skip the fp32 copy too: `kernels.dequant_matmul` de-quantizes each panel of the weight
+into the block its register tiles read (_kernel_matmul: the projections, their input gradients
+and the fused loss's head). The de-quantizing, the packed matmul and the fused loss's exp/max/sum
+run in the kernels as well, and in MLX's ops (same numbers, slower) without them.
 
 Exp: MLX's CPU `exp` costs ~15 ns an element (scalar, a libm call per fma), so on 2 cores the softmax
 over SmolLM2's 49152-word vocabulary (12.6M exps for 256 tokens, twice: forward and backward) and
@@ -20,7 +22,8 @@ and its users get custom gradients that reuse work instead of recomputing it:
 - `linear_cross_entropy(h, head, targets)`: the output projection and the cross-entropy in one
   pass over the vocabulary, in row chunks with a running max (like flash attention): the softmax
   is exponentiated once and the gradient for h is formed in the same pass, so the full logits are
-  never kept and the head is de-quantized once per step instead of twice.
+  never kept and the head is de-quantized once per step instead of twice (per product with the
+  kernels: into register-tile blocks, never whole).
 
 fastpath.py decides where these are used (the CPU backend only).
 """
@@ -98,21 +101,27 @@ def dequantized_rows(w, scales, biases, rows: tuple[int, int], spec: tuple, dtyp
                       mode, dtype)
 
 
-# The kernel's x (rows x the summed axis) is read once per panel of 8-32 output columns: up to
-# 16 MB it is served from the caches (SmolLM2 at 1 x 2048 tokens: 12 MB), past that the BLAS.
+# The kernel reads x's rows, up to 2048 of the summed terms at a time, once per panel of 8-32
+# output columns: while that part fits in 16 MB the caches serve it (SmolLM2 at 1 x 2048 tokens,
+# or a 7B at 1 x 2048: 16 MB), past that the BLAS computes.
 KERNEL_X_ELEMENTS = 1 << 22
+
+
+def _kernel_covers(rows: int, inner: int, dtype, spec: tuple) -> bool:
+    """Whether kernels.dequant_matmul computes `rows` rows summed over `inner` terms: kernels
+    built, fp32 on the CPU, 4/8-bit affine with biases, groups a multiple of 32, x not too big."""
+    group_size, bits, mode, has_biases = spec
+    return (kernels.dequant_matmul is not None and dtype == mx.float32 and has_biases
+            and mode == "affine" and bits in (4, 8) and group_size % 32 == 0
+            and rows * min(inner, 2048) <= KERNEL_X_ELEMENTS and mx.default_device() == mx.cpu)
 
 
 def _kernel_matmul(x: mx.array, w, scales, biases, spec: tuple, transpose: bool) -> mx.array | None:
     """x @ W.T (transpose) or x @ W by kernels.dequant_matmul, W never de-quantized whole; None
-    where it does not apply (no kernels, not fp32 on the CPU, not 4/8-bit affine with biases,
-    groups not a multiple of 32, a big x)."""
-    group_size, bits, mode, has_biases = spec
-    if (kernels.dequant_matmul is None or x.dtype != mx.float32 or not has_biases
-            or mode != "affine" or bits not in (4, 8) or group_size % 32
-            or x.size > KERNEL_X_ELEMENTS or mx.default_device() != mx.cpu):
+    where it does not apply (_kernel_covers)."""
+    if not _kernel_covers(x.size // x.shape[-1], x.shape[-1], x.dtype, spec):
         return None
-    return kernels.dequant_matmul(x, w, scales, biases, group_size, bits, transpose)
+    return kernels.dequant_matmul(x, w, scales, biases, spec[0], spec[1], transpose)
 
 
 @lru_cache(maxsize=None)
@@ -347,18 +356,27 @@ def _linear_ce_fn(group_size: int, bits: int, mode: str, has_biases: bool):
         n = x.shape[0]
         m = total = acc = None
         for rows in logit_chunks(w.shape[0], d, n):
-            chunk = dequantized_rows(w, scales, biases, rows, spec, x.dtype,
-                                     x if acc is None else acc)
-            # This chunk's exp(logits - its row max), the max and the sum.
-            e, top, part = _softmax_parts(x @ chunk.T)
+            a, b = rows
+            # This chunk's exp(logits - its row max), the max and the sum, and exp(...) @ W.
+            if _kernel_covers(n, d, x.dtype, spec) and _kernel_covers(n, b - a, x.dtype, spec):
+                # After the previous chunk, as dequantized_rows orders the BLAS route's.
+                xs = x if acc is None else mx.depends([x], acc)[0]
+                part_w = (w[a:b], scales[a:b], biases[a:b], group_size, bits)
+                e, top, part = _softmax_parts(kernels.dequant_matmul(xs, *part_w, True))
+                e_w = kernels.dequant_matmul(e, *part_w, False)
+            else:  # the BLAS, on this part of the head de-quantized whole
+                chunk = dequantized_rows(w, scales, biases, rows, spec, x.dtype,
+                                         x if acc is None else acc)
+                e, top, part = _softmax_parts(x @ chunk.T)
+                e_w = e @ chunk
             if m is None:
-                m, total, acc = top, part, e @ chunk
+                m, total, acc = top, part, e_w
             else:
                 # Bring both to the higher max: the earlier chunks' sums, or this one's, shrink.
                 new = mx.maximum(m, top)
                 old_scale, scale = exp(m - new), exp(top - new)
                 total = total * old_scale + part * scale
-                acc = acc * old_scale + (e @ chunk) * scale
+                acc = acc * old_scale + e_w * scale
                 m = new
         t = targets.reshape(-1)
         wanted = dequantize(w[t], scales[t], biases[t] if has_biases else None, group_size, bits,

@@ -78,9 +78,15 @@ def test_linear_cross_entropy_matches_logits(bits, tied, chunked, compiled_kerne
     """Loss and gradient equal cross_entropy(h @ W.T) for a quantized head, in one piece or in
     vocabulary chunks (the running max and rescaled sums of a big head), with mlxtune's compiled
     kernels and with MLX's ops in their place."""
+    calls = []
     if not compiled_kernels:
         monkeypatch.setattr(kernels, "dequantize", None)
         monkeypatch.setattr(kernels, "softmax_parts", None)
+        monkeypatch.setattr(kernels, "dequant_matmul", None)
+    elif kernels.dequant_matmul is not None:  # the head's products read the packed weight
+        real = kernels.dequant_matmul
+        monkeypatch.setattr(kernels, "dequant_matmul",
+                            lambda *a: calls.append(a[-1]) or real(*a))
     if chunked:
         monkeypatch.setattr(cpu_math, "LOGIT_ELEMENTS", 1000)
     vocab, dim = 300, 64
@@ -104,6 +110,9 @@ def test_linear_cross_entropy_matches_logits(bits, tied, chunked, compiled_kerne
     _close(cpu_math.linear_cross_entropy(h, head, targets),
            nn.losses.cross_entropy(h @ weight.T, targets), 1e-4)
     _close(mx.grad(ours)(h), mx.grad(stock)(h), 1e-5)
+    if compiled_kernels and kernels.dequant_matmul is not None:
+        parts = len(cpu_math.logit_chunks(vocab, dim, 10))
+        assert calls == [True, False] * parts * 2  # logits and exp(...) @ W, value and grad
 
 
 def _tiny(arch: str, tied: bool):

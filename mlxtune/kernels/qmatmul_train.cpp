@@ -20,9 +20,14 @@
 
 #include "kernels.h"
 #include "pool.h"
+#include "vec_math.h"
 
 namespace mlxtune {
 namespace {
+
+using mlxtune::v8f;
+using mlxtune::v8i;
+using mlxtune::v8u;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
@@ -52,7 +57,7 @@ typedef float vf __attribute__((vector_size(16)));
 }  // namespace baseline
 
 // A block of W holds at most this many floats (256 KB: it is read once per tile of x's rows, so
-// it stays in L2); longer sums go in parts, each added to the output.
+// it stays in L2); longer sums go in parts, each added to the output (run).
 constexpr int64_t BLOCK_FLOATS = 1 << 16;
 
 struct Qmm {
@@ -65,58 +70,89 @@ struct Qmm {
   bool transpose;  // out = x W^T (x: M x cols) when true, x W (x: M x rows) when false
 };
 
+// Eight lanes' `BITS`-bit fields of `words` (lane l: its word >> shift[l]) times scale plus bias.
+template <int BITS>
+inline v8f affine8(v8u words, v8u shifts, v8f scale, v8f bias) {
+  const v8u q = (words >> shifts) & ((1u << BITS) - 1);
+  return __builtin_convertvector((v8i)q, v8f) * scale + bias;
+}
+
 // The block of W that output columns [c0, c0 + n) multiply over sum terms [k0, k1): P[k - k0][j]
 // (row step `width`) = W at (c0 + j, k) for x W^T, at (k, c0 + j) for x W; each value its
 // `BITS`-bit field times its group's scale plus its bias (MLX's affine de-quantization). k0 is a
-// multiple of BLOCK_FLOATS / width, so of any group size.
+// multiple of BLOCK_FLOATS / width, so of any group size; c0 of width, so a panel of x W lies in
+// one group and starts on a word. Eight columns at a time (8 rows of W for x W^T, side by side),
+// single ones for a panel's last few.
 template <int BITS, typename S>
-void pack(const Qmm& q, int64_t c0, int64_t n, int64_t k0, int64_t k1, int64_t width, float* P) {
+__attribute__((target_clones("avx2", "default"))) void pack(const Qmm& q, int64_t c0, int64_t n,
+                                                             int64_t k0, int64_t k1,
+                                                             int64_t width, float* P) {
   constexpr int PER = 32 / BITS;
-  constexpr uint32_t MASK = (1u << BITS) - 1;
   const int64_t words = q.cols / PER, groups = q.cols / q.group_size;
   const S* scales = static_cast<const S*>(q.scales);
   const S* biases = static_cast<const S*>(q.biases);
+  auto scale_at = [&](int64_t r, int64_t g) { return static_cast<float>(scales[r * groups + g]); };
+  auto bias_at = [&](int64_t r, int64_t g) { return static_cast<float>(biases[r * groups + g]); };
   if (q.transpose) {
-    for (int64_t j = 0; j < n; ++j) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {  // rows c0 + j .. + 8 of W: lane l is row c0 + j + l
       const uint32_t* row = q.w + (c0 + j) * words;
       for (int64_t g = k0 / q.group_size; g < k1 / q.group_size; ++g) {
-        const float sc = static_cast<float>(scales[(c0 + j) * groups + g]);
-        const float bi = static_cast<float>(biases[(c0 + j) * groups + g]);
+        v8f sc, bi;
+        for (int l = 0; l < 8; ++l) sc[l] = scale_at(c0 + j + l, g), bi[l] = bias_at(c0 + j + l, g);
         for (int64_t i = g * q.group_size / PER; i < (g + 1) * q.group_size / PER; ++i) {
-          uint32_t word = row[i];
-          for (int e = 0; e < PER; ++e, word >>= BITS) {
-            P[(i * PER + e - k0) * width + j] = static_cast<float>(word & MASK) * sc + bi;
+          v8u w;
+          for (int l = 0; l < 8; ++l) w[l] = row[l * words + i];
+          for (int e = 0; e < PER; ++e) {
+            const v8f f = affine8<BITS>(w, (v8u){} + BITS * e, sc, bi);
+            std::memcpy(P + (i * PER + e - k0) * width + j, &f, sizeof(f));
           }
         }
       }
     }
+    for (; j < n; ++j) {
+      const uint32_t* row = q.w + (c0 + j) * words;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t g = k / q.group_size;
+        const uint32_t v = (row[k / PER] >> (BITS * (k % PER))) & ((1u << BITS) - 1);
+        P[(k - k0) * width + j] = static_cast<float>(v) * scale_at(c0 + j, g) + bias_at(c0 + j, g);
+      }
+    }
   } else {
-    // A panel starts at a multiple of its width (8, 16 or 32), so it lies in one group and
-    // starts on a word.
     const int64_t g = c0 / q.group_size;
+    v8u shifts;
+    for (int l = 0; l < 8; ++l) shifts[l] = BITS * (l % PER);
     for (int64_t k = k0; k < k1; ++k) {
-      const float sc = static_cast<float>(scales[k * groups + g]);
-      const float bi = static_cast<float>(biases[k * groups + g]);
+      const v8f sc = (v8f){} + scale_at(k, g), bi = (v8f){} + bias_at(k, g);
       const uint32_t* row = q.w + k * words + c0 / PER;
-      for (int64_t j = 0; j < n; ++j) {
-        const uint32_t v = (row[j / PER] >> (BITS * (j % PER))) & MASK;
-        P[(k - k0) * width + j] = static_cast<float>(v) * sc + bi;
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) {  // lane l: column c0 + j + l, in word (j + l) / PER
+        v8u w;
+        for (int l = 0; l < 8; ++l) w[l] = row[(j + l) / PER];
+        const v8f f = affine8<BITS>(w, shifts, sc, bi);
+        std::memcpy(P + (k - k0) * width + j, &f, sizeof(f));
+      }
+      for (; j < n; ++j) {
+        const uint32_t v = (row[j / PER] >> (BITS * (j % PER))) & ((1u << BITS) - 1);
+        P[(k - k0) * width + j] = static_cast<float>(v) * sc[0] + bi[0];
       }
     }
   }
 }
 
+// Sums longer than a block go in parts, one after another, each part's panels over the threads:
+// the part of x they all read (rows x depth) stays in the caches.
 template <typename S, typename Gemm>
 void run(const Qmm& q, int64_t width, Gemm gemm) {
   const int64_t inner = q.transpose ? q.cols : q.rows, outer = q.transpose ? q.rows : q.cols;
   const int64_t panels = (outer + width - 1) / width, depth = BLOCK_FLOATS / width;
-  parallel_rows(panels, q.M * inner * width, [&](int64_t a, int64_t b) {
-    thread_local std::vector<float> P;
-    P.resize(std::min(inner, depth) * width);
-    for (int64_t p = a; p < b; ++p) {
-      const int64_t c0 = p * width, n = std::min(width, outer - c0);
-      for (int64_t k0 = 0; k0 < inner; k0 += depth) {
-        const int64_t k1 = std::min(inner, k0 + depth);
+  for (int64_t k0 = 0; k0 < inner; k0 += depth) {
+    const int64_t k1 = std::min(inner, k0 + depth);
+    parallel_rows(panels, q.M * (k1 - k0) * width, [&](int64_t a, int64_t b) {
+      thread_local std::vector<float> P;
+      P.resize((k1 - k0) * width);
+      for (int64_t p = a; p < b; ++p) {
+        const int64_t c0 = p * width, n = std::min(width, outer - c0);
         if (q.bits == 4) {
           pack<4, S>(q, c0, n, k0, k1, width, P.data());
         } else {
@@ -124,8 +160,8 @@ void run(const Qmm& q, int64_t width, Gemm gemm) {
         }
         gemm(q.x + k0, inner, P.data(), width, q.out + c0, outer, q.M, k1 - k0, n, 1.0f, k0 > 0);
       }
-    }
-  });
+    });
+  }
 }
 
 template <typename S>
