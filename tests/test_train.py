@@ -161,29 +161,33 @@ def test_memory_plan_drops_the_attention_matrix_where_the_kernel_keeps_none(tmp_
     assert gpu.activations * 2 == ops_1024.activations  # fp16 there: the matrices stay counted
 
 
-def test_memory_plan_counts_the_head_once_where_the_fused_loss_chunks_it(tmp_path,
-                                                                         tiny_qmodel_dir,
-                                                                         monkeypatch):
-    """With the kernels' de-quantizer the fused loss de-quantizes the output head a vocabulary
-    chunk at a time (planned as the loss): the whole head is not also de-quantizing scratch, as
-    it is with MLX's ops (unpacked copies) or on other backends."""
+def test_memory_plan_counts_fp32_weights_only_where_they_exist(tmp_path, tiny_qmodel_dir,
+                                                              monkeypatch):
+    """On the CPU path kernels.dequant_matmul de-quantizes into register-tile blocks: no weight
+    exists in fp32 and the loss holds only its logits. With the BLAS route instead, the biggest
+    weight is de-quantized whole (forward and backward) and the fused loss's head in vocabulary
+    chunks; with MLX's ops for de-quantizing too, the whole head again."""
     from mlxtune import kernels
     from mlxtune.models.folder import read_config
     from mlxtune.train.config import load_train_config
     from mlxtune.train.memory import plan_memory
 
-    if kernels.dequantize is None:
+    if kernels.dequant_matmul is None:
         pytest.skip(kernels.status())
     cfg = load_train_config(_config(tmp_path, tiny_qmodel_dir), [])
-    kernel_cpu = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
+    kernel = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
+    monkeypatch.setattr(kernels, "dequant_matmul", None)
+    blas = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
     monkeypatch.setattr(kernels, "dequantize", None)
-    ops_cpu = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
+    ops = plan_memory(tiny_qmodel_dir, cfg, "cpu", 0)
     model = read_config(tiny_qmodel_dir)
-    assert ops_cpu.logits == kernel_cpu.logits and ops_cpu.activations == kernel_cpu.activations
-    # The scratch is the biggest weight twice in fp32: the head there, the MLP's here.
     vocab, h, inter = model["vocab_size"], model["hidden_size"], model["intermediate_size"]
-    assert vocab > inter
-    assert ops_cpu.peak - kernel_cpu.peak == 2 * 4 * h * (vocab - inter)
+    assert vocab > inter and kernel.activations == blas.activations == ops.activations
+    assert ops.logits == blas.logits
+    # The scratch: none, then the MLP's weight (the biggest but the head) twice in fp32, then
+    # the head's twice.
+    assert blas.peak - kernel.peak == blas.logits - kernel.logits + 2 * 4 * h * inter
+    assert ops.peak - blas.peak == 2 * 4 * h * (vocab - inter)
 
 
 def test_missing_data_is_reported_before_loading(tmp_path, tiny_qmodel_dir):
