@@ -43,32 +43,9 @@ struct AttnArgs {
   float *dq, *dk, *dv;
 };
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-namespace avx512 {
-typedef float vf __attribute__((vector_size(64)));
-#define ATT_ROWS 8
-#include "attention_isa.inc"
-#undef ATT_ROWS
-}  // namespace avx512
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-typedef float vf __attribute__((vector_size(32)));
-#define ATT_ROWS 6
-#include "attention_isa.inc"
-#undef ATT_ROWS
-}  // namespace avx2
-#pragma GCC pop_options
-
-namespace baseline {
-typedef float vf __attribute__((vector_size(16)));
-#define ATT_ROWS 6
-#include "attention_isa.inc"
-#undef ATT_ROWS
-}  // namespace baseline
+#define ISA_BODY "attention_isa.inc"
+#include "isa_namespaces.inc"
+#undef ISA_BODY
 
 void run_forward(const AttnArgs& a) {
   const std::string isa = matmul_isa();

@@ -29,32 +29,9 @@ using mlxtune::v8f;
 using mlxtune::v8i;
 using mlxtune::v8u;
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-namespace avx512 {
-typedef float vf __attribute__((vector_size(64)));
-#define ATT_ROWS 8
-#include "gemm_isa.inc"
-#undef ATT_ROWS
-}  // namespace avx512
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-typedef float vf __attribute__((vector_size(32)));
-#define ATT_ROWS 6
-#include "gemm_isa.inc"
-#undef ATT_ROWS
-}  // namespace avx2
-#pragma GCC pop_options
-
-namespace baseline {
-typedef float vf __attribute__((vector_size(16)));
-#define ATT_ROWS 6
-#include "gemm_isa.inc"
-#undef ATT_ROWS
-}  // namespace baseline
+#define ISA_BODY "gemm_isa.inc"
+#include "isa_namespaces.inc"
+#undef ISA_BODY
 
 // A block of W holds at most this many floats (256 KB: it is read once per tile of x's rows, so
 // it stays in L2); longer sums go in parts, each added to the output (run).
