@@ -89,7 +89,8 @@ PACKED_ROWS = 32
 
 def inference_matmul(x: mx.array, layer) -> mx.array:
     """`x @ W.T` for a quantized layer at inference, the way that is fastest for x's shape: a few
-    rows read the packed weights (no gradient), more de-quantize per call and call BLAS."""
+    rows read the packed weights (no gradient), more go through dequantized_matmul (the weight
+    de-quantized per call, into kernels.dequant_matmul's blocks or whole for the BLAS)."""
     if x.size // x.shape[-1] <= PACKED_ROWS:
         return packed_matmul(x, layer)
     return dequantized_matmul(x, layer)
