@@ -101,19 +101,27 @@ def dequantized_rows(w, scales, biases, rows: tuple[int, int], spec: tuple, dtyp
                       mode, dtype)
 
 
-# The kernel reads x's rows, up to 2048 of the summed terms at a time, once per panel of 8-32
-# output columns: while that part fits in 16 MB the caches serve it (SmolLM2 at 1 x 2048 tokens,
-# or a 7B at 1 x 2048: 16 MB), past that the BLAS computes.
+# The kernel reads x's rows, up to KERNEL_X_DEPTH of the summed terms at a time, once per panel
+# of 8-32 output columns: while that part fits in 16 MB the caches serve it (SmolLM2 at 1 x 2048
+# tokens, or a 7B at 1 x 2048: 16 MB), past that the BLAS computes.
 KERNEL_X_ELEMENTS = 1 << 22
+KERNEL_X_DEPTH = 2048
+
+
+def kernel_matmul_fits(rows: int, inner: int) -> bool:
+    """Whether kernels.dequant_matmul is built and takes `rows` rows summed over `inner` terms
+    (the part of x it reads at a time fits the caches); memory.py plans by the same rule."""
+    return (kernels.dequant_matmul is not None
+            and rows * min(inner, KERNEL_X_DEPTH) <= KERNEL_X_ELEMENTS)
 
 
 def _kernel_covers(rows: int, inner: int, dtype, spec: tuple) -> bool:
-    """Whether kernels.dequant_matmul computes `rows` rows summed over `inner` terms: kernels
-    built, fp32 on the CPU, 4/8-bit affine with biases, groups a multiple of 32, x not too big."""
+    """Whether kernels.dequant_matmul computes `rows` rows summed over `inner` terms: it fits
+    (kernel_matmul_fits), fp32 on the CPU, 4/8-bit affine with biases, groups a multiple of 32."""
     group_size, bits, mode, has_biases = spec
-    return (kernels.dequant_matmul is not None and dtype == mx.float32 and has_biases
+    return (kernel_matmul_fits(rows, inner) and dtype == mx.float32 and has_biases
             and mode == "affine" and bits in (4, 8) and group_size % 32 == 0
-            and rows * min(inner, 2048) <= KERNEL_X_ELEMENTS and mx.default_device() == mx.cpu)
+            and mx.default_device() == mx.cpu)
 
 
 def _kernel_matmul(x: mx.array, w, scales, biases, spec: tuple, transpose: bool) -> mx.array | None:
@@ -150,11 +158,12 @@ def _matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool):
         x, w, scales, biases = primals
         # Base weights are frozen: only the input gets a real gradient; the zeros stay lazy.
         dx = _kernel_matmul(cotangent, w, scales, biases, spec, transpose=False)
-        for a, b in [] if dx is not None else chunks(w, scales, cotangent):
-            chunk = dequantized_rows(w, scales, biases, (a, b), spec, cotangent.dtype,
-                                     cotangent if dx is None else dx)
-            part = cotangent[..., a:b] @ chunk
-            dx = part if dx is None else dx + part
+        if dx is None:
+            for a, b in chunks(w, scales, cotangent):
+                chunk = dequantized_rows(w, scales, biases, (a, b), spec, cotangent.dtype,
+                                         cotangent if dx is None else dx)
+                part = cotangent[..., a:b] @ chunk
+                dx = part if dx is None else dx + part
         return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
 
     return matmul
@@ -280,7 +289,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
 
     fp32 without a mask array, on the CPU device: mlxtune's kernel (block-tiled products and
     an exact softmax per row, nothing of size queries x keys kept for the backward; forward +
-    backward 2-7x faster than the ops below at 64-2048 tokens, scripts/bench_attention.py). Otherwise MLX's matmuls and the fast-exp softmax."""
+    backward 2-7x faster than the ops below at 64-2048 tokens, scripts/bench_attention.py).
+    Otherwise MLX's matmuls and the fast-exp softmax."""
     if attention_kernel_covers(q, k, v, mask):
         return _attention_kernel_fn(float(scale), isinstance(mask, str))(q, k, v)[0]
     return attention_ops(q, k, v, scale, mask)

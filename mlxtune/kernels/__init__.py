@@ -42,8 +42,9 @@ _REASON = "not built (run ./scripts/setup.sh, or python -m mlxtune.kernels.build
 
 # What this package's Python side calls: a module built from older sources lacks some of them.
 KERNELS = ("dequantize", "softmax_parts", "logsumexp", "quantized_matmul", "rms_norm", "rope",
-           "attention", "attention_train", "attention_train_grad", "dequant_matmul", "swiglu", "decode_qkv",
-           "decode_out", "block_params", "decode_block", "stack_weights", "decode_stack")
+           "attention", "attention_train", "attention_train_grad", "dequant_matmul", "swiglu",
+           "decode_qkv", "decode_out", "block_params", "decode_block", "stack_weights",
+           "decode_stack")
 
 
 def _usable(module) -> bool:
@@ -92,5 +93,5 @@ def status() -> str:
     if dequantize is None:
         return _REASON
     return ("in use (compiled 4/8-bit de-quantizer and quantized matmul "
-            f"[{_cpu_kernels.matmul_isa()}], training matmul and attention, softmax parts, logsumexp, rms_norm, "
-            "rope, attention, swiglu, fused decode blocks)")
+            f"[{_cpu_kernels.matmul_isa()}], training matmul and attention, softmax parts, "
+            "logsumexp, rms_norm, rope, attention, swiglu, fused decode blocks)")

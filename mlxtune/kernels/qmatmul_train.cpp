@@ -11,8 +11,6 @@
 // over the rows of x: one pass over the packed weight, no fp32 copy of it, nothing to zero.
 // Each output element is one sum over k in order, on one thread: the same on any thread count.
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -24,10 +22,6 @@
 
 namespace mlxtune {
 namespace {
-
-using mlxtune::v8f;
-using mlxtune::v8i;
-using mlxtune::v8u;
 
 #define ISA_BODY "gemm_isa.inc"
 #include "isa_namespaces.inc"
@@ -76,7 +70,10 @@ __attribute__((target_clones("avx2", "default"))) void pack(const Qmm& q, int64_
       const uint32_t* row = q.w + (c0 + j) * words;
       for (int64_t g = k0 / q.group_size; g < k1 / q.group_size; ++g) {
         v8f sc, bi;
-        for (int l = 0; l < 8; ++l) sc[l] = scale_at(c0 + j + l, g), bi[l] = bias_at(c0 + j + l, g);
+        for (int l = 0; l < 8; ++l) {
+          sc[l] = scale_at(c0 + j + l, g);
+          bi[l] = bias_at(c0 + j + l, g);
+        }
         for (int64_t i = g * q.group_size / PER; i < (g + 1) * q.group_size / PER; ++i) {
           v8u w;
           for (int l = 0; l < 8; ++l) w[l] = row[l * words + i];
@@ -92,7 +89,8 @@ __attribute__((target_clones("avx2", "default"))) void pack(const Qmm& q, int64_
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t g = k / q.group_size;
         const uint32_t v = (row[k / PER] >> (BITS * (k % PER))) & ((1u << BITS) - 1);
-        P[(k - k0) * width + j] = static_cast<float>(v) * scale_at(c0 + j, g) + bias_at(c0 + j, g);
+        P[(k - k0) * width + j] =
+            static_cast<float>(v) * scale_at(c0 + j, g) + bias_at(c0 + j, g);
       }
     }
   } else {
@@ -201,7 +199,8 @@ mx::array dequant_matmul(const mx::array& x, const mx::array& w, const mx::array
   }
   const int64_t cols = w.ndim() == 2 ? w.shape(1) * 32 / bits : 0;
   if (x.dtype() != mx::float32 || x.ndim() < 1 || w.dtype() != mx::uint32 || w.ndim() != 2 ||
-      group_size <= 0 || group_size % 32 != 0 || cols % group_size != 0 || scales.dtype() != biases.dtype() ||
+      group_size <= 0 || group_size % 32 != 0 || cols % group_size != 0 ||
+      scales.dtype() != biases.dtype() ||
       scales.shape() != mx::Shape{w.shape(0), static_cast<int>(cols / group_size)} ||
       biases.shape() != scales.shape() ||
       (scales.dtype() != mx::float32 && scales.dtype() != mx::float16 &&
@@ -209,8 +208,8 @@ mx::array dequant_matmul(const mx::array& x, const mx::array& w, const mx::array
       x.shape(-1) != (transpose ? cols : w.shape(0))) {
     throw std::invalid_argument(
         "[mlxtune dequant_matmul] expects float32 x (..., K), uint32 w (N, K*bits/32), scales "
-        "and biases (N, K/group_size) of one float dtype, group_size a multiple of 32; K = x's last axis for x @ W.T, N for "
-        "x @ W.");
+        "and biases (N, K/group_size) of one float dtype, group_size a multiple of 32; K = x's "
+        "last axis for x @ W.T, N for x @ W.");
   }
   auto stream = mx::to_stream(s);
   std::vector<mx::array> inputs;

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxtune import kernels
-from mlxtune.cpu_math import KERNEL_X_ELEMENTS, logit_chunks, row_chunks
+from mlxtune.cpu_math import kernel_matmul_fits, logit_chunks, row_chunks
 from mlxtune.fastpath import standard_model_type
 from mlxtune.models.folder import read_config, safetensors_shapes
 from mlxtune.train.config import TrainConfig
@@ -20,10 +20,11 @@ from mlxtune.train.lora import adapted_blocks, all_linear, key_matches
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8}
 GB = 1024**3
-# scripts/bench_memory.py measured peaks at 0.68-1.04 of the plan (the CPU path with the kernels,
-# SmolLM2, two other shapes and a 7B-shaped llama; checkpointed runs lowest, their loss and
-# recomputed block counted as if alive together): a run refused for memory is one planned more
-# than this far over what is available.
+# scripts/bench_memory.py measured peaks at 0.76-0.97 of the plan (the CPU path with the kernels,
+# SmolLM2 at 512 and 2048 tokens and a 7B-shaped llama at 512; checkpointed runs lowest, their
+# loss and recomputed block counted as if alive together; two other shapes, measured before the
+# training matmul kernel, at up to 1.04): a run refused for memory is one planned more than this
+# far over what is available.
 PLAN_ERROR = 0.15
 
 
@@ -185,10 +186,9 @@ def _weight_bytes(shapes: dict, backend: str) -> int:
 
 
 def _kernel_matmul(backend: str, tokens: int, inner: int) -> bool:
-    """Whether the CPU path's kernels.dequant_matmul computes a product of `tokens` rows summed
-    over `inner` terms (cpu_math._kernel_covers): then no fp32 copy of the weight exists."""
-    return (backend == "cpu" and kernels.dequant_matmul is not None
-            and tokens * min(inner, 2048) <= KERNEL_X_ELEMENTS)
+    """Whether the CPU path computes a product of `tokens` rows summed over `inner` terms with
+    kernels.dequant_matmul: then no fp32 copy of the weight exists."""
+    return backend == "cpu" and kernel_matmul_fits(tokens, inner)
 
 
 def _dequant_scratch(shapes: dict, config: dict, backend: str, tokens: int, act: int) -> int:
@@ -215,15 +215,17 @@ def _dequant_scratch(shapes: dict, config: dict, backend: str, tokens: int, act:
 
 
 def _is_head_or_embedding(name: str) -> bool:
-    return name.startswith("lm_head.") or ".embed_tokens." in name or name.startswith("embed_tokens.")
+    return (name.startswith(("lm_head.", "embed_tokens."))
+            or ".embed_tokens." in name)
 
 
 def _logit_bytes(config: dict, backend: str, tokens: int) -> int:
     """The output layer's logits and loss. The fused loss of the CPU path
     (fastpath.token_losses) works through the vocabulary in chunks, not the whole logits three
-    times over: its peak, measured alone for SmolLM2's head (fwd + bwd at 128 / 512 / 1024 / 2048
-    tokens: 0.18 / 0.33 / 0.26 / 0.23 GiB), is covered by ~3.5 de-quantized head chunks and ~6.5
-    chunks of logits (the first over-plans 128 tokens by 0.08 GiB, the rest within 1%)."""
+    times over. Through the BLAS its peak, measured alone for SmolLM2's head (fwd + bwd at 128 /
+    512 / 1024 / 2048 tokens: 0.18 / 0.33 / 0.26 / 0.23 GiB), is covered by ~3.5 de-quantized
+    head chunks and ~6.5 chunks of logits (the first over-plans 128 tokens by 0.08 GiB, the rest
+    within 1%); through kernels.dequant_matmul, by the logits alone."""
     vocab, h = config["vocab_size"], config["hidden_size"]
     if backend == "cpu" and standard_model_type(config.get("model_type", "")):
         a, z = logit_chunks(vocab, h, tokens)[0]
